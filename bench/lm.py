@@ -1,0 +1,164 @@
+"""`LanguageModel`: a base model with its tokenizer and prompt format, and the operations every NLP method
+and task needs: batched greedy generation, target-token cross-entropy, and applying a LoRA adapter (through
+peft) or dense deltas for the span of a ``with`` block, leaving the base weights exactly as they were.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from typing import Iterator, Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from bench.adapters import LoraAdapter
+
+
+@dataclass
+class LanguageModel:
+    model: torch.nn.Module
+    tokenizer: object
+    model_id: str
+    is_seq2seq: bool = False
+    chat: bool = False
+    system_prompt: str | None = None
+    max_input_tokens: int = 1024
+    _base: torch.nn.Module | None = field(default=None, repr=False)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def base_model(self) -> torch.nn.Module:
+        """The underlying transformers model, also while a peft adapter wraps it."""
+        return self._base if self._base is not None else self.model
+
+    # ----------------------------------------------------------------- text formatting
+    def format_prompt(self, text: str) -> str:
+        """The model's input for a task prompt: the chat template for chat models, the text otherwise."""
+        if not self.chat:
+            return text
+        messages = [{"role": "user", "content": text}]
+        if self.system_prompt:
+            messages.insert(0, {"role": "system", "content": self.system_prompt})
+        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+    def _ids(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=self.is_seq2seq)["input_ids"]
+
+    def encode_pairs(self, inputs: Sequence[str], targets: Sequence[str], max_len: int = 512) -> dict:
+        """Tensors for teacher forcing: labels are the target tokens (+ EOS); prompt tokens are -100.
+
+        Causal LMs: prompt and target concatenated, right-padded. Seq2seq: encoder input and decoder labels.
+        Prompts are truncated from the left so the target always fits within `max_len`.
+        """
+        eos = self.tokenizer.eos_token_id
+        pad = self.tokenizer.pad_token_id
+        rows, labels = [], []
+        for text, target in zip(inputs, targets):
+            prompt = self._ids(self.format_prompt(text))
+            tgt = self.tokenizer(target, add_special_tokens=False)["input_ids"] + [eos]
+            if self.is_seq2seq:
+                rows.append(prompt[-max_len:])
+                labels.append(tgt[:max_len])
+            else:
+                tgt = tgt[: max_len - 1]
+                prompt = prompt[-(max_len - len(tgt)):]
+                rows.append(prompt + tgt)
+                labels.append([-100] * len(prompt) + tgt)
+        batch = _pad(rows, pad, side="right")
+        out = {"input_ids": batch, "attention_mask": (_pad([[1] * len(r) for r in rows], 0, side="right"))}
+        out["labels"] = _pad(labels, -100, side="right")
+        return {k: v.to(self.device) for k, v in out.items()}
+
+    def loss(self, inputs: Sequence[str], targets: Sequence[str], batch_size: int = 8, max_len: int = 512,
+             reduction: str = "mean") -> torch.Tensor:
+        """Mean cross-entropy of the target tokens (graph kept when called with grad enabled).
+
+        reduction="mean": mean over all target tokens; "per_example": one mean per example.
+        """
+        per_example = []
+        for i in range(0, len(inputs), batch_size):
+            batch = self.encode_pairs(inputs[i : i + batch_size], targets[i : i + batch_size], max_len)
+            logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                                **({"labels": batch["labels"]} if self.is_seq2seq else {})).logits
+            labels = batch["labels"] if self.is_seq2seq else batch["labels"][:, 1:]
+            logits = logits if self.is_seq2seq else logits[:, :-1]
+            tok = torch.nn.functional.cross_entropy(
+                logits.float().transpose(1, 2), labels, ignore_index=-100, reduction="none"
+            )
+            mask = (labels != -100).float()
+            per_example.append((tok * mask).sum(1) / mask.sum(1).clamp(min=1))
+        losses = torch.cat(per_example)
+        return losses.mean() if reduction == "mean" else losses
+
+    @torch.no_grad()
+    def generate(self, prompts: Sequence[str], max_new_tokens: int = 16, batch_size: int = 8,
+                 progress: bool = False, desc: str = "generate") -> list[str]:
+        """Greedy continuations of `prompts` (formatted with `format_prompt`), special tokens removed."""
+        tok = self.tokenizer
+        outputs: list[str] = []
+        starts = range(0, len(prompts), batch_size)
+        for i in tqdm(starts, desc=desc, disable=not progress, leave=False):
+            chunk = [self.format_prompt(p) for p in prompts[i : i + batch_size]]
+            ids = [self._ids(c)[-self.max_input_tokens :] for c in chunk]
+            input_ids = _pad(ids, tok.pad_token_id, side="right" if self.is_seq2seq else "left").to(self.device)
+            mask = _pad([[1] * len(r) for r in ids], 0, side="right" if self.is_seq2seq else "left").to(self.device)
+            out = self.model.generate(
+                input_ids=input_ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
+                num_beams=1, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+                temperature=None, top_p=None, top_k=None,
+            )
+            new = out if self.is_seq2seq else out[:, input_ids.shape[1] :]
+            outputs.extend(tok.batch_decode(new, skip_special_tokens=True))
+        return outputs
+
+    # ----------------------------------------------------------------- applying adapters
+    @contextlib.contextmanager
+    def adapter_applied(self, adapter: LoraAdapter) -> Iterator["LanguageModel"]:
+        """Run the block with `adapter` injected through peft; the base model is restored afterwards."""
+        from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
+
+        kwargs = adapter.peft_config()
+        kwargs.pop("base_model_name_or_path")
+        kwargs["task_type"] = "SEQ_2_SEQ_LM" if self.is_seq2seq else "CAUSAL_LM"
+        base = self.model
+        peft_model = get_peft_model(base, LoraConfig(**kwargs))
+        state = {k: v.to(self.device, base.dtype) for k, v in adapter.peft_state_dict().items()}
+        result = set_peft_model_state_dict(peft_model, state)
+        unexpected = [k for k in result.unexpected_keys if "lora_" in k]
+        if unexpected:
+            peft_model.unload()
+            raise RuntimeError(f"peft did not place {len(unexpected)} LoRA tensors, e.g. {unexpected[:2]}")
+        peft_model.eval()
+        self.model, self._base = peft_model, base
+        try:
+            yield self
+        finally:
+            self.model = peft_model.unload()
+            self._base = None
+
+    @contextlib.contextmanager
+    def deltas_folded(self, deltas: dict[str, torch.Tensor]) -> Iterator["LanguageModel"]:
+        """Run the block with ``W += ΔW`` for each named linear layer; original weights restored bit-exactly."""
+        modules = dict(self.model.named_modules())
+        saved = {}
+        try:
+            with torch.no_grad():
+                for name, delta in deltas.items():
+                    weight = modules[name].weight
+                    saved[name] = weight.detach().clone()
+                    weight.add_(delta.to(weight.device, weight.dtype))
+            yield self
+        finally:
+            with torch.no_grad():
+                for name, original in saved.items():
+                    modules[name].weight.copy_(original)
+
+
+def _pad(rows: list[list[int]], value: int, side: str) -> torch.Tensor:
+    width = max(len(r) for r in rows)
+    padded = [([value] * (width - len(r)) + r) if side == "left" else (r + [value] * (width - len(r))) for r in rows]
+    return torch.tensor(padded, dtype=torch.long)

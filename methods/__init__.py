@@ -1,0 +1,1 @@
+"""Composition methods: one module per method, each registered with `bench.registry.register_method`."""

@@ -1,0 +1,16 @@
+"""`method=base`: the base model alone, no adapter (the floor of every table)."""
+
+from __future__ import annotations
+
+from typing import Iterator
+
+from bench.registry import register_method
+from methods.base import Composed, FitContext, FitReport, Method
+
+
+@register_method("base")
+class BaseModel(Method):
+    domains = ("nlp", "vl")
+
+    def compose(self, ctx: FitContext) -> Iterator[Composed]:
+        yield Composed(ctx.model, FitReport())
