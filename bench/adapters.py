@@ -25,6 +25,7 @@ from bench.errors import AdapterError
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_SAFETENSORS = "adapter_model.safetensors"
 WEIGHTS_BIN = "adapter_model.bin"
+METADATA_FILE = "bench_metadata.json"  # what the harness knows of an expert (its task, training run)
 _PEFT_PREFIX = "base_model.model."
 _KEY_RE = re.compile(r"^(?P<module>.+)\.lora_(?P<factor>[AB])(?:\.(?P<adapter>[^.]+))?\.weight$")
 
@@ -123,8 +124,14 @@ class LoraAdapter:
     # ----------------------------------------------------------------- I/O
     @classmethod
     def load(cls, source: str | Path, name: str | None = None, cache_dir: str | None = None) -> "LoraAdapter":
-        """Load a peft adapter from a local folder or a hub id (``user/repo`` or ``user/repo/subfolder``)."""
+        """Load a peft adapter (or a diffusers LoRA folder, see `bench.diffusers_lora`) from a local folder or a hub id
+        (``user/repo`` or ``user/repo/subfolder``)."""
         folder = resolve_adapter_folder(source, cache_dir)
+        if not (folder / CONFIG_FILE).is_file():
+            from bench.diffusers_lora import find_weights, load_diffusers_lora
+
+            if find_weights(folder) is not None:  # a diffusers LoRA folder (pytorch_lora_weights.safetensors)
+                return load_diffusers_lora(folder, name=name)
         return cls.from_peft_folder(folder, name=name)
 
     @classmethod
@@ -133,7 +140,11 @@ class LoraAdapter:
         name = name or folder.name
         config = _read_config(folder, name)
         state = _read_weights(folder, name)
-        return cls.from_peft_state(state, config, name)
+        adapter = cls.from_peft_state(state, config, name)
+        meta = folder / METADATA_FILE
+        if meta.is_file():
+            adapter.metadata = json.loads(meta.read_text())
+        return adapter
 
     @classmethod
     def from_peft_state(cls, state: dict[str, torch.Tensor], config: dict, name: str) -> "LoraAdapter":
@@ -225,7 +236,7 @@ class LoraAdapter:
         config.save_pretrained(str(tmp))
         save_file(self.peft_state_dict(), str(tmp / WEIGHTS_SAFETENSORS), metadata={"format": "pt"})
         if self.metadata:
-            (tmp / "bench_metadata.json").write_text(json.dumps(self.metadata, indent=2, default=str))
+            (tmp / METADATA_FILE).write_text(json.dumps(self.metadata, indent=2, default=str))
         if folder.exists():
             _rmtree(folder)
         tmp.rename(folder)

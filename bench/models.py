@@ -37,12 +37,27 @@ def resolve_dtype(name: str) -> torch.dtype:
         raise ConfigError(f"model.dtype={name!r}; choose float32, float16 or bfloat16") from None
 
 
+REQUIRED = {"hub": ("id",), "local": ("id", "path"), "gguf": ("id", "package", "gguf_file"), "tiny": ("id", "arch", "seed")}
+
+
+def check_model_config(cfg: DictConfig) -> None:
+    """Raise `ConfigError` unless `cfg` names a known source and kind and has the keys that source needs."""
+    if cfg.get("source") not in SOURCES:
+        raise ConfigError(f"model.source={cfg.get('source')!r}; choose one of {SOURCES}")
+    if cfg.get("kind") not in KINDS + ("diffusion",):
+        raise ConfigError(f"model.kind={cfg.get('kind')!r}; choose one of {KINDS + ('diffusion',)}")
+    required = REQUIRED[cfg.source] + (("tokenizer",) if cfg.source == "tiny" and cfg.kind in KINDS else ())
+    missing = [k for k in required if OmegaConf.is_missing(cfg, k) or cfg.get(k) is None]
+    if missing:
+        raise ConfigError(f"model {cfg.get('name')!r} (source={cfg.source}) needs {missing}")
+    resolve_dtype(cfg.get("dtype", "float32"))
+
+
 def load_language_model(cfg: DictConfig, cache_dir: str | Path, device: str = "auto") -> LanguageModel:
     """Load the base model named by a `conf/model/*.yaml` config, with its tokenizer, onto `device`."""
-    if cfg.source not in SOURCES:
-        raise ConfigError(f"model.source={cfg.source!r}; choose one of {SOURCES}")
+    check_model_config(cfg)
     if cfg.kind not in KINDS:
-        raise ConfigError(f"model.kind={cfg.kind!r}; choose one of {KINDS}")
+        raise ConfigError(f"model.kind={cfg.kind!r} is not a language model; choose one of {KINDS}")
     folder = materialize(cfg, Path(cache_dir))
     auto = _auto_class(cfg.kind)
     model = auto.from_pretrained(
@@ -106,8 +121,16 @@ def _convert_gguf(cfg: DictConfig, out: Path) -> None:
 
     folder, file = gguf_location(cfg)
     log.info("converting %s/%s to safetensors in %s (once)", folder, file, out)
+    from safetensors.torch import save_model
+
     model = _auto_class(cfg.kind).from_pretrained(str(folder), gguf_file=file, dtype=torch.float32)
-    model.save_pretrained(str(out))
+    # transformers refuses save_pretrained on GGUF-loaded models; the weights are plain dequantized
+    # float tensors, so write them and a config without the GGUF quantization entry.
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.config.save_pretrained(str(out))
+    model.generation_config.save_pretrained(str(out))
+    save_model(model, str(out / "model.safetensors"), metadata={"format": "pt"})
     AutoTokenizer.from_pretrained(str(folder), gguf_file=file).save_pretrained(str(out))
 
 

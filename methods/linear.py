@@ -6,11 +6,18 @@ terms (unlike combining A and B separately). Options: `weights` (default uniform
 arithmetic, MoLE's NLA baseline), `normalize` (divide weights by their sum), `lambda` (task-arithmetic
 scale), `fold` (add ΔW into the dense weights instead of keeping a LoRA) and `rank` (re-factorize each
 module's exact ΔW to rank k by truncated SVD).
+
+`combination: peft_compat` instead reproduces peft's ``add_weighted_adapter(combination_type="linear")``
+(`peft_linear_merge`): A and B are combined separately, ``A' = Σ_i sgn(w_i s_i) √|w_i s_i| A_i``,
+``B' = Σ_i √|w_i s_i| B_i``, so ``B'A'`` carries the cross terms ``B_i A_j`` and is *not* the weighted sum;
+it needs equal ranks per module. Its rows are labelled variant "peft_compat (not exact)".
 """
 
 from __future__ import annotations
 
 from typing import Iterator, Sequence
+
+import math
 
 import torch
 
@@ -32,6 +39,37 @@ def concat_merge(adapters: Sequence[LoraAdapter], weights: Sequence[float], name
         B = torch.cat([float(w) * m.scale * m.B for w, m in zip(weights, parts)], dim=1)
         modules[module] = LoraModule(A, B, 1.0)
     return LoraAdapter(name, adapters[0].base_model, modules, task_type=adapters[0].task_type)
+
+
+def peft_linear_merge(adapters: Sequence[LoraAdapter], weights: Sequence[float], name: str = "linear") -> LoraAdapter:
+    """peft's ``add_weighted_adapter(combination_type="linear")``, reproduced op for op (not the exact sum).
+
+    Per module, with ``c_i = w_i s_i``: ``A' = Σ sgn(c_i) √|c_i| A_i``, ``B' = Σ √|c_i| B_i`` (weights as a
+    float32 tensor, as peft builds them); the new adapter has ``r = lora_alpha`` so its scale is 1, or
+    ``√r`` when the first adapter uses rsLoRA (peft keeps that flag). Raises ConfigError on unequal ranks.
+    """
+    if len(weights) != len(adapters):
+        raise ConfigError(f"{len(weights)} weights for {len(adapters)} adapters")
+    modules = {}
+    for module in adapters[0].modules:
+        parts = [a.modules[module] for a in adapters]
+        ranks = {a.name: m.rank for a, m in zip(adapters, parts)}
+        if len(set(ranks.values())) != 1:
+            raise ConfigError(
+                f"method.combination=peft_compat needs equal ranks (peft's linear combination); {module} has "
+                f"ranks {ranks}: use combination=exact"
+            )
+        c = [float(w) * m.scale for w, m in zip(weights, parts)]
+        w_a = torch.tensor([math.sqrt(abs(x)) * (1 if x >= 0 else -1) for x in c])
+        w_b = torch.tensor([math.sqrt(abs(x)) for x in c])
+        A = (torch.stack([m.A for m in parts]) * w_a.to(parts[0].A.device).view(-1, 1, 1)).sum(0)
+        B = (torch.stack([m.B for m in parts]) * w_b.to(parts[0].B.device).view(-1, 1, 1)).sum(0)
+        modules[module] = LoraModule(A.to(parts[0].A.dtype), B.to(parts[0].B.dtype), 1.0)
+    rslora = adapters[0].use_rslora
+    if rslora:
+        scale = math.sqrt(max(adapters[0].ranks))
+        modules = {k: LoraModule(m.A, m.B, scale) for k, m in modules.items()}
+    return LoraAdapter(name, adapters[0].base_model, modules, use_rslora=rslora, task_type=adapters[0].task_type)
 
 
 def dense_deltas(adapter: LoraAdapter, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
@@ -79,6 +117,9 @@ def resolve_weights(cfg_weights, pool: ExpertPool, normalize: bool) -> list[floa
     return weights
 
 
+COMBINATIONS = ("exact", "peft_compat")
+
+
 @register_method("linear")
 class LinearArithmetic(Method):
     domains = ("nlp", "vl")
@@ -87,24 +128,32 @@ class LinearArithmetic(Method):
         rank = self.cfg.get("rank")
         if rank is not None and int(rank) < 1:
             raise ConfigError(f"method.rank={rank}: must be ≥ 1 (or null to keep the exact rank Σ r_i)")
+        combination = self.cfg.get("combination", "exact")
+        if combination not in COMBINATIONS:
+            raise ConfigError(f"method.combination={combination!r}: must be one of {list(COMBINATIONS)}")
 
     def merge(self, pool: ExpertPool) -> LoraAdapter:
         weights = resolve_weights(self.cfg.get("weights"), pool, bool(self.cfg.get("normalize", False)))
         lam = float(self.cfg.get("lambda", 1.0))
-        merged = concat_merge(list(pool), [lam * w for w in weights], name="linear")
+        combination = self.cfg.get("combination", "exact")
+        combine = peft_linear_merge if combination == "peft_compat" else concat_merge
+        merged = combine(list(pool), [lam * w for w in weights], name="linear")
         rank = self.cfg.get("rank")
         if rank is not None:
             merged = svd_refactor(merged, int(rank), name="linear")
-        merged.metadata = {"method": "linear", "experts": pool.names, "weights": weights, "lambda": lam}
+        merged.metadata = {"method": "linear", "experts": pool.names, "weights": weights, "lambda": lam,
+                           "combination": combination}
         return merged
 
     def compose(self, ctx: FitContext) -> Iterator[Composed]:
         with Timer() as timer:
             merged = self.merge(ctx.pool)
-        report = FitReport(seconds=timer.seconds, info={"weights": merged.metadata.get("weights")})
+        exact = self.cfg.get("combination", "exact") == "exact"
+        report = FitReport(seconds=timer.seconds, info={"weights": merged.metadata.get("weights"), "exact": exact})
+        variant = "" if exact else "peft_compat (not exact)"
         if self.cfg.get("fold", False):
             with ctx.model.deltas_folded(dense_deltas(merged)):
-                yield Composed(ctx.model, report, "", merged)
+                yield Composed(ctx.model, report, variant, merged)
         else:
             with ctx.model.adapter_applied(merged):
-                yield Composed(ctx.model, report, "", merged)
+                yield Composed(ctx.model, report, variant, merged)

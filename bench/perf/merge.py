@@ -1,0 +1,186 @@
+"""B3 (DESIGN §8): static merges of a 7B-shaped LoRA stack, against the device's copy bandwidth.
+
+``python -m bench.perf merge [--device cuda] [--n 2,8,32] [--layers 32] [--rank 16] [--quick]``
+
+Synthetic experts of real shapes: `layers` × {q, k, v, o: d→d; gate, up: d→ffn; down: ffn→d} (7B-like:
+d 4096, ffn 11008, 32 layers = 224 modules), rank r, N experts; base weights, factors and compute in one
+dtype (bf16 on a GPU, fp32 on CPU; `--dtype`). Operations, each over the whole stack:
+
+- ``fold_linear``: the exact linear merge (the concatenated LoRA, weights 1/N) folded into the base,
+  ``W += B_cat @ A_cat`` per module (`fold_lora_`: one GEMM, no dense ΔW). Bytes counted: W read and
+  written (2·|W|) plus the factors read. Goal: ≥ 60 % of the measured copy bandwidth.
+- ``cat``: building that concatenated LoRA (`concat_merge`, small factor copies). Time only.
+- ``ties`` (density 0.2), ``dare_linear`` / ``dare_ties`` (density 0.5, seeded), ``magnitude_prune``
+  (density 0.2): per module, the experts' dense deltas by one batched GEMM, the merge (`merge_module`, the
+  same code the methods run) and ``W += ΔW``. Bytes counted: N·|W| (each expert's dense delta written
+  once) + 2·|W| (W read and written), the least traffic any merge that materializes the deltas moves.
+  Goal: ≤ 0.5 s at N = 8.
+- ``svd``: the exact sum re-factorized to rank r (`svd_merge`: QR of the factors + SVD of the core, in
+  float64). Time only, and only for N ≤ 8 (224 small float64 SVDs of size N·r are latency-bound on a GPU
+  and would dominate the run's time budget at N = 32).
+
+Times are medians (and minima) over repeats after warm-up (`common.time_fn`); GB/s = counted bytes /
+median time; ratio = GB/s ÷ the copy bandwidth measured in the same run. Goals are GPU goals: on CPU
+they are reported as n/a.
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Callable
+
+import torch
+
+from bench.adapters import LoraAdapter, LoraModule
+from bench.perf.common import copy_bandwidth, pick_device, time_fn, write_results
+from methods.linear import concat_merge
+from methods.merge_ops import fold_lora_, merge_module, module_generator
+from methods.svd import svd_merge
+
+FULL = dict(layers=32, d=4096, ffn=11008, n=[2, 8, 32])
+QUICK = dict(layers=2, d=256, ffn=688, n=[2, 8])
+DENSE_OPS = {"ties": 0.2, "dare_linear": 0.5, "dare_ties": 0.5, "magnitude_prune": 0.2}  # kind: density
+OPS = ["fold_linear", "cat", *DENSE_OPS, "svd"]
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp64": torch.float64}
+FOLD_GOAL, MERGE_GOAL_S, MERGE_GOAL_N = 0.60, 0.5, 8
+SVD_MAX_N = 8
+
+
+def stack_shapes(layers: int, d: int, ffn: int) -> dict[str, tuple[int, int]]:
+    """Module path -> (d_out, d_in) of a Llama-7B-like stack."""
+    shapes = {}
+    for i in range(layers):
+        for p in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            shapes[f"model.layers.{i}.self_attn.{p}"] = (d, d)
+        shapes[f"model.layers.{i}.mlp.gate_proj"] = (ffn, d)
+        shapes[f"model.layers.{i}.mlp.up_proj"] = (ffn, d)
+        shapes[f"model.layers.{i}.mlp.down_proj"] = (d, ffn)
+    return shapes
+
+
+def synthetic_pool(n: int, shapes: dict[str, tuple[int, int]], rank: int, dtype: torch.dtype,
+                   device: torch.device, seed: int = 0) -> list[LoraAdapter]:
+    """`n` random LoRAs (A ~ N(0, 1/d_in), B ~ N(0, 1e-4), alpha = 2r) generated on `device`."""
+    g = torch.Generator(device=device).manual_seed(seed)
+    pool = []
+    for i in range(n):
+        modules = {}
+        for name, (d_out, d_in) in shapes.items():
+            A = torch.randn(rank, d_in, generator=g, device=device).div_(d_in**0.5).to(dtype)
+            B = torch.randn(d_out, rank, generator=g, device=device).mul_(1e-2).to(dtype)
+            modules[name] = LoraModule(A, B, 2.0)
+        pool.append(LoraAdapter(f"expert{i:02d}", "synthetic-7b", modules))
+    return pool
+
+
+def base_weights(shapes: dict[str, tuple[int, int]], dtype: torch.dtype, device: torch.device) -> dict[str, torch.Tensor]:
+    return {name: torch.randn(d_out, d_in, device=device).mul_(0.02).to(dtype) for name, (d_out, d_in) in shapes.items()}
+
+
+def operation(op: str, pool: list[LoraAdapter], weights: dict[str, torch.Tensor], rank: int) -> Callable[[], None]:
+    n = len(pool)
+    if op == "fold_linear":
+        merged = concat_merge(pool, [1.0 / n] * n)
+
+        def run() -> None:
+            for name, W in weights.items():
+                fold_lora_(W, merged.modules[name])
+    elif op == "cat":
+        def run() -> None:
+            concat_merge(pool, [1.0 / n] * n)
+    elif op == "svd":
+        def run() -> None:
+            svd_merge(pool, [1.0 / n] * n, rank)
+    else:
+        density = DENSE_OPS[op]
+        w = [1.0] * n if op in ("ties", "dare_ties") else [1.0 / n] * n
+
+        def run() -> None:
+            for name, W in weights.items():
+                gen = module_generator(0, name, W.device) if op.startswith("dare") else None
+                W.add_(merge_module(pool, w, name, op, density, "total", gen, W.dtype, W.device))
+    return run
+
+
+def counted_bytes(op: str, pool: list[LoraAdapter], weights: dict[str, torch.Tensor]) -> int | None:
+    w_bytes = sum(W.numel() * W.element_size() for W in weights.values())
+    factor_bytes = sum((m.A.numel() + m.B.numel()) * m.A.element_size() for a in pool for m in a.modules.values())
+    if op == "fold_linear":
+        return 2 * w_bytes + factor_bytes
+    if op in DENSE_OPS:
+        return (len(pool) + 2) * w_bytes
+    return None
+
+
+def goal(op: str, n: int, median_s: float, ratio: float | None, gpu: bool) -> tuple[str, str]:
+    if op == "fold_linear":
+        text, ok = f"ratio ≥ {FOLD_GOAL:.2f}", ratio is not None and ratio >= FOLD_GOAL
+    elif op in DENSE_OPS and n == MERGE_GOAL_N:
+        text, ok = f"≤ {MERGE_GOAL_S} s at N={MERGE_GOAL_N}", median_s <= MERGE_GOAL_S
+    else:
+        return "", ""
+    return text, ("pass" if ok else "FAIL") if gpu else "n/a (CPU)"
+
+
+def parse(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m bench.perf merge", description=__doc__.split("\n")[0])
+    p.add_argument("--device", default=None, help="cuda, cuda:1 or cpu (default: cuda when available)")
+    p.add_argument("--n", default=None, help="comma-separated expert counts (default 2,8,32; quick 2,8)")
+    p.add_argument("--layers", type=int, default=None)
+    p.add_argument("--d", type=int, default=None, help="hidden size (default 4096; quick 256)")
+    p.add_argument("--ffn", type=int, default=None, help="MLP size (default 11008; quick 688)")
+    p.add_argument("--rank", type=int, default=16)
+    p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default bf16 on GPU, fp32 on CPU")
+    p.add_argument("--ops", default=",".join(OPS), help=f"comma-separated subset of {OPS}")
+    p.add_argument("--quick", action="store_true", help="small shapes (the default without a GPU)")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse(argv)
+    device = pick_device(args.device)
+    preset = QUICK if args.quick or device.type == "cpu" else FULL
+    layers, d, ffn = args.layers or preset["layers"], args.d or preset["d"], args.ffn or preset["ffn"]
+    ns = [int(x) for x in args.n.split(",")] if args.n else preset["n"]
+    dtype = DTYPES[args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
+    ops = [o for o in args.ops.split(",") if o]
+    unknown = set(ops) - set(OPS)
+    if unknown:
+        raise SystemExit(f"unknown ops {sorted(unknown)}; choose from {OPS}")
+    gpu = device.type == "cuda"
+    shapes = stack_shapes(layers, d, ffn)
+    copy_bps = copy_bandwidth(device)
+    weights = base_weights(shapes, dtype, device)
+    rows = []
+    for n in ns:
+        pool = synthetic_pool(n, shapes, args.rank, dtype, device, seed=n)
+        for op in ops:
+            if op == "svd" and n > SVD_MAX_N:
+                continue
+            slow = op not in ("fold_linear", "cat")
+            t = time_fn(operation(op, pool, weights, args.rank), device,
+                        warmup=1 if slow else 3, repeat=(3 if n >= 32 else 5) if slow else 10)
+            nbytes = counted_bytes(op, pool, weights)
+            gbps = nbytes / t["median_s"] / 1e9 if nbytes else None
+            ratio = gbps * 1e9 / copy_bps if gbps else None
+            goal_text, verdict = goal(op, n, t["median_s"], ratio, gpu)
+            rows.append({"op": op, "n": n, "median_s": t["median_s"], "min_s": t["min_s"],
+                         "counted_GB": nbytes / 1e9 if nbytes else None, "GBps": gbps,
+                         "copy_GBps": copy_bps / 1e9, "ratio": ratio, "goal": goal_text, "result": verdict})
+            print(f"{op:16s} N={n:<3d} median {t['median_s'] * 1e3:9.2f} ms  "
+                  + (f"{gbps:8.1f} GB/s  ratio {ratio:.2f}" if gbps else ""), flush=True)
+        del pool
+        if gpu:
+            torch.cuda.empty_cache()
+    meta = {"layers": layers, "d": d, "ffn": ffn, "modules": len(shapes), "rank": args.rank,
+            "dtype": str(dtype).removeprefix("torch."), "densities": DENSE_OPS,
+            "bytes_counted": {"fold_linear": "2·|W| (W read + written) + factors read",
+                              "dense merges": "(N + 2)·|W|: N dense deltas written once + W read and written",
+                              "cat, svd": "not counted (time only)"},
+            "goals": {"fold_linear": f"≥ {FOLD_GOAL:.0%} of copy bandwidth",
+                      "ties/dare/magnitude_prune": f"≤ {MERGE_GOAL_S} s at N={MERGE_GOAL_N} (GPU)"}}
+    write_results("merge", rows, meta, device)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,291 @@
+"""`method=moa`: Mixture-of-LoRAs routing (Feng et al., 2024; DESIGN §4).
+
+A light router reads the frozen base model's last hidden states, mean-pooled over the input's tokens
+(the encoder's for seq2seq models), and classifies the input into one of the experts' tasks; it is trained
+on the experts' own task examples with the expert index as the label (cross-entropy, AdamW, full batch).
+At inference each input is routed on its own: the top-1 expert (or the top-k, weighted by the renormalized
+softmax of the router's logits) is applied to that batch row through per-row gates (batch, N) of the
+stacked expert layer, so a mixed-task batch is served in one `generate` call. Routing accuracy on held-out
+expert examples is recorded in `FitReport.info`; the experts chosen at inference are kept on the composed
+model (`routes`) and counted in ``report.info["route_counts"]``.
+
+Where labeled examples come from: `expert_examples(adapter, n, seed)` calls the harness's
+``bench.experts.expert_task_examples(adapter, n, seed)`` (training examples of the task each expert was
+trained on, from the adapter's metadata, never eval examples); the router reads them through that task's
+prompt (`task_prompt`) and `format_prompt`, as `generate` reads an eval prompt.
+
+`RoutedComposed` (per-row routing wrapper) is shared with the retrieval router (methods/retriever.py).
+"""
+
+from __future__ import annotations
+
+import importlib
+import random
+from dataclasses import dataclass, field
+from typing import Callable, Iterator, Sequence
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+from tqdm.auto import tqdm
+
+from bench.errors import ConfigError
+from bench.lm import LanguageModel, _pad
+from bench.pool import ExpertPool
+from bench.registry import register_method
+from bench.stacked import StackedLoraLinear, set_gates, stacked_experts
+from methods.base import Composed, FitContext, FitReport, Method, Timer
+from tasks.base import Example
+
+
+# --------------------------------------------------------------------------- labeled examples
+
+
+def expert_examples(adapter, n: int, seed: int) -> list[Example]:
+    """`n` examples of the task `adapter` was trained on, drawn with `seed` (through the harness)."""
+    try:
+        experts = importlib.import_module("bench.experts")
+    except ImportError:
+        experts = None
+    provider = getattr(experts, "expert_task_examples", None)
+    if provider is None:
+        raise ConfigError(
+            f"routing needs examples of each expert's own task, but bench.experts.expert_task_examples is not "
+            f"available (expert {adapter.name!r}, metadata {adapter.metadata or {}}); use a pool trained by the "
+            "harness (its adapters carry their task in metadata)"
+        )
+    return list(provider(adapter, n, seed))
+
+
+def task_prompt(adapter) -> Callable[[Example], str]:
+    """The prompt function of the task `adapter` was trained on (what the expert read in training), from its
+    metadata through ``bench.experts.make_task``; the raw ``example.input`` when that is not available."""
+    meta = adapter.metadata or {}
+    try:
+        from bench.config import default_data_root
+        from bench.experts import make_task
+
+        return make_task(meta["task"], meta.get("task_cfg"), default_data_root()).prompt
+    except Exception:  # no task metadata / task not constructible: fall back to the raw input
+        return lambda e: e.input
+
+
+def expert_prompts(adapter, n: int, seed: int) -> list[str]:
+    """`n` prompts of the expert's own task, as the model reads them (task prompt applied)."""
+    prompt = task_prompt(adapter)
+    return [prompt(e) for e in expert_examples(adapter, n, seed)]
+
+
+def labeled_examples(pool: ExpertPool, n_per_expert: int, seed: int,
+                     provider: Callable | None = None) -> tuple[list[str], list[int]]:
+    """(prompts, labels): `n_per_expert` prompts of each expert's task, labeled with the expert's index.
+
+    `provider(adapter, n, seed) -> list[str]` defaults to `expert_prompts`.
+    """
+    provider = provider or expert_prompts
+    texts, labels = [], []
+    for i, adapter in enumerate(pool):
+        prompts = list(provider(adapter, n_per_expert, seed))
+        if not prompts:
+            raise ConfigError(f"expert {adapter.name!r}: the example provider returned no examples")
+        texts.extend(prompts)
+        labels.extend([i] * len(prompts))
+    return texts, labels
+
+
+# --------------------------------------------------------------------------- features and router
+
+
+@torch.no_grad()
+def hidden_features(lm: LanguageModel, prompts: Sequence[str], batch_size: int = 16) -> torch.Tensor:
+    """Mean-pooled last hidden states of `lm.model` (the encoder's for seq2seq), (len(prompts), d), float32.
+
+    Prompts are formatted and padded as `LanguageModel.generate` does (left padding for causal LMs).
+    """
+    feats = []
+    side = "right" if lm.is_seq2seq else "left"
+    for i in range(0, len(prompts), batch_size):
+        ids = [lm._ids(lm.format_prompt(p))[-lm.max_input_tokens :] for p in prompts[i : i + batch_size]]
+        input_ids = _pad(ids, lm.tokenizer.pad_token_id, side=side).to(lm.device)
+        mask = _pad([[1] * len(r) for r in ids], 0, side=side).to(lm.device)
+        if lm.is_seq2seq:
+            hidden = lm.model.get_encoder()(input_ids=input_ids, attention_mask=mask).last_hidden_state
+        else:
+            pos = (mask.cumsum(-1) - 1).clamp(min=0)
+            out = lm.model(input_ids=input_ids, attention_mask=mask, position_ids=pos, output_hidden_states=True)
+            hidden = out.hidden_states[-1]
+        m = mask.unsqueeze(-1).to(hidden.dtype)
+        feats.append(((hidden * m).sum(1) / m.sum(1).clamp(min=1)).float())
+    return torch.cat(feats)
+
+
+class Router(nn.Module):
+    """Standardized features -> (MLP | linear) -> N logits."""
+
+    def __init__(self, d: int, n_experts: int, hidden: int = 0, dropout: float = 0.0) -> None:
+        super().__init__()
+        self.register_buffer("mean", torch.zeros(d))
+        self.register_buffer("std", torch.ones(d))
+        if hidden > 0:
+            self.net = nn.Sequential(nn.Linear(d, hidden), nn.GELU(), nn.Dropout(dropout), nn.Linear(hidden, n_experts))
+        else:
+            self.net = nn.Linear(d, n_experts)
+
+    def forward(self, feats: torch.Tensor) -> torch.Tensor:
+        return self.net((feats.float() - self.mean) / self.std)
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.net.parameters())
+
+
+def train_router(features: torch.Tensor, labels: Sequence[int], n_experts: int, *, hidden: int = 0,
+                 dropout: float = 0.0, epochs: int = 300, lr: float = 1e-2, weight_decay: float = 1e-2,
+                 seed: int = 0) -> Router:
+    """Fit a `Router` on (features, labels) with full-batch AdamW and cross-entropy (seeded, deterministic)."""
+    y = torch.as_tensor(list(labels), dtype=torch.long, device=features.device)
+    x = features.float()
+    with torch.random.fork_rng(devices=[features.device] if features.device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        router = Router(x.shape[1], n_experts, hidden, dropout).to(x.device)
+        router.mean.copy_(x.mean(0))
+        router.std.copy_(x.std(0, unbiased=False).clamp(min=1e-6))
+        # foreach=False on CPU: the multi-tensor path is ~8x slower there for a few tiny tensors
+        opt = torch.optim.AdamW(router.net.parameters(), lr=lr, weight_decay=weight_decay,
+                                foreach=x.device.type == "cuda")
+        router.train()
+        with torch.enable_grad():
+            for _ in range(epochs):
+                opt.zero_grad(set_to_none=True)
+                F.cross_entropy(router(x), y).backward()
+                opt.step()
+    router.eval()
+    router.requires_grad_(False)
+    return router
+
+
+def holdout_split(labels: Sequence[int], fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """Stratified (train, held-out) indices: about `fraction` of each label's examples held out (≥1 kept)."""
+    rng = random.Random(seed)
+    train, held = [], []
+    by_label: dict[int, list[int]] = {}
+    for i, y in enumerate(labels):
+        by_label.setdefault(int(y), []).append(i)
+    for idx in by_label.values():
+        idx = idx[:]
+        rng.shuffle(idx)
+        k = min(len(idx) - 1, round(fraction * len(idx))) if fraction > 0 else 0
+        held.extend(idx[:k])
+        train.extend(idx[k:])
+    return sorted(train), sorted(held)
+
+
+def route_gates(logits: torch.Tensor, top_k: int = 1) -> torch.Tensor:
+    """(batch, N) gates: one-hot on the argmax (top_k=1) or the softmax renormalized over the top-k."""
+    k = min(top_k, logits.shape[-1])
+    values, idx = logits.float().topk(k, dim=-1)
+    weights = torch.softmax(values, dim=-1)
+    return torch.zeros_like(logits, dtype=torch.float32).scatter(-1, idx, weights)
+
+
+# --------------------------------------------------------------------------- per-row routed model
+
+
+@dataclass
+class RoutedComposed(Composed):
+    """The base with the experts in place; before each generated chunk, `route(prompts) -> (b, N)` weights
+    are computed and `apply(weights)` sets them per row (stacked-layer gates, or per-row fused factors)."""
+
+    route: Callable[[list[str]], torch.Tensor] | None = None
+    apply: Callable[[torch.Tensor | None], None] | None = None
+    names: list[str] = field(default_factory=list)
+    routes: list[list[str]] = field(default_factory=list)  # experts used for each prompt generated so far
+
+    def generate(self, prompts: list[str], max_new_tokens: int = 16, batch_size: int = 8, progress: bool = False,
+                 desc: str = "generate", **_) -> list[str]:
+        lm = self.model
+        outputs: list[str] = []
+        counts = self.report.info.setdefault("route_counts", {})
+        starts = range(0, len(prompts), batch_size)
+        for i in tqdm(starts, desc=desc, disable=not progress, leave=False):
+            chunk = list(prompts[i : i + batch_size])
+            weights = self.route(chunk)
+            self.apply(weights)
+            try:
+                outputs.extend(lm.generate(chunk, max_new_tokens=max_new_tokens, batch_size=len(chunk)))
+            finally:
+                self.apply(None)
+            for row in weights.tolist():
+                chosen = [self.names[j] for j, w in sorted(enumerate(row), key=lambda jw: -jw[1]) if w > 0]
+                self.routes.append(chosen)
+                counts[chosen[0]] = counts.get(chosen[0], 0) + 1
+        return outputs
+
+
+def gate_applier(layers: dict[str, StackedLoraLinear], n: int, device) -> Callable:
+    """`apply(weights)`: per-row gates on the stacked layers; None: no expert (the base)."""
+
+    def apply(weights: torch.Tensor | None) -> None:
+        set_gates(layers, torch.zeros(n, device=device) if weights is None else weights.to(device))
+
+    return apply
+
+
+# --------------------------------------------------------------------------- the method
+
+
+@register_method("moa")
+class MixtureOfLoras(Method):
+    def check_config(self) -> None:
+        cfg = self.cfg
+        if int(cfg.get("top_k", 1)) < 1:
+            raise ConfigError(f"method.top_k={cfg.top_k}: must be ≥ 1")
+        if int(cfg.get("examples_per_expert", 64)) < 2:
+            raise ConfigError("method.examples_per_expert must be ≥ 2 (some are held out to measure routing accuracy)")
+        if not 0 <= float(cfg.get("holdout", 0.25)) < 1:
+            raise ConfigError(f"method.holdout={cfg.holdout}: a fraction in [0, 1)")
+        if int(cfg.get("hidden", 0)) < 0 or int(cfg.get("epochs", 300)) < 1:
+            raise ConfigError("method.hidden must be ≥ 0 and method.epochs ≥ 1")
+
+    def fit_router(self, lm: LanguageModel, pool: ExpertPool, seed: int,
+                   provider: Callable | None = None) -> tuple[Router, dict]:
+        """Train the router on the experts' own task examples; returns it and what it used."""
+        cfg = self.cfg
+        texts, labels = labeled_examples(pool, int(cfg.get("examples_per_expert", 64)), seed, provider)
+        feats = hidden_features(lm, texts, int(cfg.get("feature_batch_size", 16)))
+        train, held = holdout_split(labels, float(cfg.get("holdout", 0.25)), seed)
+        router = train_router(
+            feats[train], [labels[i] for i in train], len(pool), hidden=int(cfg.get("hidden", 0)),
+            dropout=float(cfg.get("dropout", 0.0)), epochs=int(cfg.get("epochs", 300)), lr=float(cfg.get("lr", 1e-2)),
+            weight_decay=float(cfg.get("weight_decay", 1e-2)), seed=seed,
+        )
+        y = torch.tensor(labels, device=feats.device)
+        with torch.no_grad():
+            pred = router(feats).argmax(-1)
+        acc = lambda idx: float((pred[idx] == y[idx]).float().mean()) if idx else None  # noqa: E731
+        info = {"routing_accuracy": acc(held), "router_train_accuracy": acc(train),
+                "router_examples": len(train), "heldout_examples": len(held),
+                "router_params": router.num_parameters(), "epochs": int(cfg.get("epochs", 300))}
+        return router, info
+
+    def compose(self, ctx: FitContext) -> Iterator[Composed]:
+        n = self.cfg.get("n")
+        pool = ctx.pool.sample(None if n is None else int(n), ctx.seed)
+        lm = ctx.model
+        with Timer() as timer:
+            router, info = self.fit_router(lm, pool, ctx.seed)
+        top_k = int(self.cfg.get("top_k", 1))
+        report = FitReport(examples=info["router_examples"], steps=info["epochs"], seconds=timer.seconds,
+                           trained_params=info["router_params"],
+                           info={**info, "top_k": top_k, "experts": pool.names, "route_counts": {}})
+        with stacked_experts(lm.model, pool) as layers:
+            apply = gate_applier(layers, len(pool), lm.device)
+            apply(None)
+            fb = int(self.cfg.get("feature_batch_size", 16))
+
+            def route(prompts: list[str]) -> torch.Tensor:
+                apply(None)  # features of the frozen base: no expert active
+                with torch.no_grad():
+                    return route_gates(router(hidden_features(lm, prompts, fb)), top_k)
+
+            yield RoutedComposed(lm, report, "" if top_k == 1 else f"top{top_k}", None, route=route, apply=apply,
+                                 names=pool.names)

@@ -1,0 +1,64 @@
+"""Shared fixtures: tiny models built from the project's configs, and random LoRA pools for them."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from bench.adapters import LoraAdapter, LoraModule
+from bench.pool import ExpertPool
+
+ROOT = Path(__file__).resolve().parents[1]
+CONF = ROOT / "conf"
+CACHE = Path(os.environ.get("BENCH_CACHE_DIR", ROOT / ".cache"))
+DATA_ROOT = ROOT.parent / "shared" / "data"
+
+
+def model_cfg(name: str):
+    return OmegaConf.load(CONF / "model" / f"{name}.yaml")
+
+
+@pytest.fixture(scope="session")
+def tiny_lm():
+    """The smoke profile's tiny Llama (SmolLM2 tokenizer), on CPU."""
+    from bench.models import load_language_model
+
+    return load_language_model(model_cfg("tiny_llama"), CACHE, device="cpu")
+
+
+@pytest.fixture(scope="session")
+def tiny_t5():
+    from bench.models import load_language_model
+
+    return load_language_model(model_cfg("tiny_t5"), CACHE, device="cpu")
+
+
+def random_adapter(model: torch.nn.Module, name: str, base: str, targets=("q_proj", "v_proj"), rank: int = 4,
+                   alpha: float = 8.0, seed: int = 0, dtype=torch.float32) -> LoraAdapter:
+    """A LoRA with random (non-zero) A and B for every `targets` linear layer of `model`."""
+    g = torch.Generator().manual_seed(seed)
+    modules = {}
+    for path, layer in model.named_modules():
+        if isinstance(layer, torch.nn.Linear) and path.rsplit(".", 1)[-1] in targets:
+            d_out, d_in = layer.weight.shape
+            A = torch.randn(rank, d_in, generator=g, dtype=dtype) / d_in**0.5
+            B = torch.randn(d_out, rank, generator=g, dtype=dtype) / rank**0.5
+            modules[path] = LoraModule(A, B, alpha / rank)
+    return LoraAdapter(name, base, modules)
+
+
+@pytest.fixture
+def make_pool(tiny_lm):
+    """make_pool(n, rank=4, seed=0, ranks=None) -> ExpertPool of random adapters for the tiny Llama."""
+
+    def make(n: int, rank: int = 4, seed: int = 0, ranks=None) -> ExpertPool:
+        ranks = ranks or [rank] * n
+        adapters = [random_adapter(tiny_lm.model, f"e{i}", tiny_lm.model_id, rank=r, seed=seed * 1000 + i)
+                    for i, r in enumerate(ranks)]
+        return ExpertPool(tiny_lm.model_id, adapters)
+
+    return make

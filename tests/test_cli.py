@@ -1,0 +1,94 @@
+"""End to end through the CLI on the smoke profile: records, resume, bad inputs, an interrupted sweep."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from bench.leaderboard import load_rows
+from conftest import CACHE, ROOT, random_adapter
+
+
+def bench(*args, runs, check=True, cmd=("-m", "bench")):
+    env = {**os.environ, "HYDRA_FULL_ERROR": "0", "PYTHONUNBUFFERED": "1"}
+    flags = [a for a in args if a.startswith("-")]
+    overrides = [a for a in args if not a.startswith("-")]
+    argv = [sys.executable, *cmd, *flags, "profile=smoke", f"paths.runs_dir={runs}", f"paths.cache_dir={CACHE}",
+            *overrides]
+    proc = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, env=env, timeout=600)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return proc
+
+
+def records(runs: Path) -> list[dict]:
+    return [json.loads(p.read_text()) for p in runs.rglob("record.json")]
+
+
+def test_run_writes_record_then_skips(tmp_path):
+    runs = tmp_path / "runs"
+    bench("method=linear", "task=algorithmic", runs=runs)
+    (record,) = records(runs)
+    assert record["status"] == "ok" and record["method"] == "linear" and record["meaningful"] is False
+    assert record["experts"] == ["boolean_expressions", "multistep_arithmetic", "word_sorting", "dyck_languages",
+                                 "object_counting"]
+    subtasks = {r["subtask"] for r in record["rows"]}
+    assert subtasks == {"all", "boolean_expressions", "multistep_arithmetic", "word_sorting", "dyck_languages",
+                        "object_counting"}
+    assert all(r["n"] == 4 for r in record["rows"] if r["subtask"] != "all")
+    for key in ("job_key", "git_sha", "versions", "config", "peak_memory_mb", "device", "seed"):
+        assert key in record
+    assert (Path(record_path := next(runs.rglob("record.json"))).parent / "predictions.jsonl").is_file()
+    second = bench("method=linear", "task=algorithmic", runs=runs)
+    assert "skip" in second.stdout + second.stderr and len(records(runs)) == 1
+    bench("method=linear", "task=algorithmic", "force=true", runs=runs)
+    assert len(records(runs)) == 2 and record_path.is_file()
+
+
+@pytest.mark.parametrize("args,message", [
+    (["method=nope", "task=algorithmic"], "nope"),
+    (["method=linear", "task=nope"], "nope"),
+    (["method=linear", "task=algorithmic", "task.limit=0"], "task.limit=0"),
+    (["method=linear", "task=bbh", "task.subtasks=[not_a_task]"], "unknown subtasks"),
+])
+def test_bad_inputs_fail_clearly_and_write_nothing(tmp_path, args, message):
+    runs = tmp_path / "runs"
+    proc = bench(*args, runs=runs, check=False)
+    assert proc.returncode != 0 and message in proc.stdout + proc.stderr
+    assert records(runs) == []
+
+
+def test_adapters_for_another_base_model(tmp_path, tiny_lm):
+    folder = random_adapter(tiny_lm.model, "foreign", "org/some-other-model").save(tmp_path / "foreign")
+    runs = tmp_path / "runs"
+    proc = bench("method=linear", "task=algorithmic", "experts=adapters", f"experts.adapters=[{folder}]",
+                 runs=runs, check=False)
+    assert proc.returncode == 2 and "trained on base model 'org/some-other-model'" in proc.stdout + proc.stderr
+    assert records(runs) == []
+
+
+def test_interrupted_sweep_resumes_without_duplicates(tmp_path):
+    runs = tmp_path / "runs"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    argv = [sys.executable, "-m", "bench", "-m", "profile=smoke", f"paths.runs_dir={runs}", f"paths.cache_dir={CACHE}",
+            "task=algorithmic", "method=base,linear", "seed=0,1"]
+    proc = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and not records(runs):
+        time.sleep(0.5)
+    os.killpg(proc.pid, signal.SIGKILL)  # kill the sweep after its first finished job
+    proc.wait()
+    done_before = len(records(runs))
+    assert 1 <= done_before < 4
+    bench("-m", "task=algorithmic", "method=base,linear", "seed=0,1", runs=runs)
+    ok = [r for r in records(runs) if r["status"] == "ok"]
+    assert len({r["job_key"] for r in ok}) == 4 and len(ok) == 4  # the finished job was not redone
+    rows = load_rows(runs)
+    overall = rows[rows.subtask == "all"]
+    assert len(overall) == 4 and not overall.duplicated(["method", "seed", "variant", "metric"]).any()

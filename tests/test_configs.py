@@ -1,0 +1,65 @@
+"""Every YAML under conf/ starts with a usage line, composes, and instantiates."""
+
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from bench.config import CONF_DIR, register_resolvers
+from bench.models import check_model_config
+from bench.registry import get_method, get_task
+from conftest import DATA_ROOT
+
+register_resolvers()
+ALL_YAML = sorted(p.relative_to(CONF_DIR) for p in CONF_DIR.rglob("*.yaml"))
+GROUP_OVERRIDES = {"experts/adapters.yaml": ["experts.adapters=[/some/peft_folder]"],
+                   "model/hf_local.yaml": ["model.id=org/name", "model.path=/some/model"]}
+
+
+def compose_with(overrides):
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return compose("config", overrides=overrides, return_hydra_config=False)
+
+
+def option_overrides(rel: Path) -> list[str]:
+    group, name = str(rel.parent), rel.stem
+    if group == ".":
+        return []
+    if group == "sweep":
+        return [f"+sweep={name}"]
+    if group.startswith("hydra/"):
+        return [f"{group}={name}"]
+    return [f"{group}={name}", *GROUP_OVERRIDES.get(str(rel), [])]
+
+
+@pytest.mark.parametrize("rel", ALL_YAML, ids=str)
+def test_yaml_starts_with_usage_line(rel):
+    lines = (CONF_DIR / rel).read_text().splitlines()
+    first = lines[1] if lines[0].startswith("# @package") else lines[0]  # Hydra needs its header first
+    assert first.startswith("# Usage:"), f"{rel}: first line must be '# Usage: ...'"
+
+
+@pytest.mark.parametrize("rel", ALL_YAML, ids=str)
+def test_yaml_composes_and_instantiates(rel):
+    group = str(rel.parent)
+    profile = [] if group == "profile" else ["profile=smoke"]
+    cfg = compose_with(profile + option_overrides(rel))
+    resolved = OmegaConf.to_container(cfg, resolve=True)  # every interpolation resolves
+    assert resolved["paths"]["runs_dir"]
+    if group == "method":
+        assert cfg.method.name == rel.stem
+        get_method(cfg.method.name)(cfg.method)
+    elif group == "task":
+        assert cfg.task.name == rel.stem
+        task = get_task(cfg.task.name)(cfg.task, str(DATA_ROOT) if DATA_ROOT.is_dir() else None)
+        assert task.subtasks()
+    elif group == "model":
+        check_model_config(cfg.model)
+    elif group == "experts":
+        assert cfg.experts.source in ("train", "adapters") and cfg.experts.name
+        if cfg.experts.source == "train":
+            assert cfg.experts.dir and cfg.experts.train
+    elif group == "profile":
+        assert cfg.profile.name == rel.stem
+        check_model_config(cfg.model)

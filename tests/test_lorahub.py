@@ -1,0 +1,171 @@
+"""LoraHub: composition semantics, in-place candidate evaluation, the search, and the method."""
+
+import numpy as np
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from bench.adapters import LoraAdapter
+from bench.errors import AdapterError, ConfigError
+from methods.base import FitContext
+from methods.lorahub import (
+    LoraHub,
+    LoraHubProblem,
+    compose_exact,
+    compose_official,
+    factor_layers,
+    lorahub_search,
+)
+from methods.text_decoding import encode_prompts
+from tasks.algorithmic import generate
+
+FIT = [generate("boolean_expressions", "fit", i) for i in range(5)]
+INPUTS = [f"Q: {e.input}\nA:" for e in FIT]
+TARGETS = [e.target for e in FIT]
+CFG = {"name": "lorahub", "n": 20, "semantics": "official", "budget": 40, "bound": 1.5, "l1": 0.05,
+       "optimizer": "NGOpt", "population": 1, "loss_reduction": "mean", "batch_size": 8, "max_len": 512}
+
+
+@pytest.fixture(scope="module")
+def pool(tiny_lm):
+    from bench.pool import ExpertPool
+    from tests.conftest import random_adapter
+
+    return ExpertPool(tiny_lm.model_id, [random_adapter(tiny_lm.model, f"e{i}", tiny_lm.model_id, rank=4,
+                                                        alpha=32.0, seed=70 + i) for i in range(5)])
+
+
+def ctx_for(lm, pool, seed=0):
+    return FitContext(model=lm, pool=pool, fit_examples=FIT, seed=seed, prompt=lambda e: f"Q: {e.input}\nA:",
+                      score=lambda composed, examples: 0.0)
+
+
+def onehot(n, k):
+    w = np.zeros(n)
+    w[k] = 1.0
+    return w
+
+
+def test_one_hot_composition_is_that_expert(pool):
+    for k in (0, 3):
+        official = compose_official(pool, onehot(len(pool), k))
+        exact = compose_exact(pool, onehot(len(pool), k))
+        for name, m in pool[k].modules.items():
+            torch.testing.assert_close(official.modules[name].A, m.A)
+            torch.testing.assert_close(official.modules[name].B, m.B)
+            assert official.modules[name].scale == m.scale
+            torch.testing.assert_close(exact.modules[name].delta(torch.float64), m.delta(torch.float64))
+
+
+def test_official_composition_has_cross_terms(pool):
+    w = [0.5, -1.0, 0.0, 0.25, 1.2]
+    official, exact = compose_official(pool, w), compose_exact(pool, w)
+    name = pool.module_names[0]
+    A = sum(wi * a.modules[name].A.double() for wi, a in zip(w, pool))
+    B = sum(wi * a.modules[name].B.double() for wi, a in zip(w, pool))
+    torch.testing.assert_close(official.modules[name].delta(torch.float64), pool[0].modules[name].scale * B @ A)
+    linear = sum(wi * a.modules[name].delta(torch.float64) for wi, a in zip(w, pool))
+    torch.testing.assert_close(exact.modules[name].delta(torch.float64), linear)
+    assert not torch.allclose(official.modules[name].delta(torch.float64), linear)
+
+
+@pytest.mark.parametrize("semantics", ["official", "exact"])
+def test_in_place_candidates_equal_each_expert_applied_with_peft(tiny_lm, pool, semantics):
+    n = len(pool)
+    expected = []
+    for k in (1, 4):
+        with tiny_lm.adapter_applied(pool[k]):
+            expected.append(tiny_lm.loss(INPUTS, TARGETS).item())
+    base = tiny_lm.loss(INPUTS, TARGETS).item()
+    with LoraHubProblem(tiny_lm, pool, INPUTS, TARGETS, semantics=semantics, max_groups=3) as problem:
+        one = [problem.losses(onehot(n, k))[0] for k in (1, 4)]
+        batched = problem.losses(np.stack([onehot(n, 1), np.zeros(n), onehot(n, 4)]))  # population batching
+        zero = problem.objective(np.zeros(n))[0]
+        reg = problem.objective(onehot(n, 1))[0] - problem.losses(onehot(n, 1))[0]
+    np.testing.assert_allclose(one, expected, rtol=1e-5)
+    np.testing.assert_allclose(batched, [expected[0], base, expected[1]], rtol=1e-5)
+    assert zero == pytest.approx(base, rel=1e-6)
+    assert reg == pytest.approx(0.05 / n)  # l1 · mean|w| (the official code's sum/len)
+    assert not any(type(m).__name__ in ("StackedLoraLinear", "FactorLoraLinear") for m in tiny_lm.model.modules())
+
+
+def test_factor_layers_logits_equal_peft(tiny_lm, pool):
+    ids, mask = encode_prompts(tiny_lm, INPUTS[:1])
+    w = [0.3, -0.7, 0.0, 1.1, 0.4]
+    with tiny_lm.adapter_applied(compose_official(pool, w)):
+        with torch.no_grad():
+            expected = tiny_lm.model(input_ids=ids, attention_mask=mask).logits
+    with factor_layers(tiny_lm.model, pool) as bank:
+        bank.set_weights(w)
+        with torch.no_grad():
+            got = tiny_lm.model(input_ids=ids, attention_mask=mask).logits
+        adapter = bank.adapter(name="x", base_model=tiny_lm.model_id)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+    ref = compose_official(pool, w)
+    for name, m in adapter.modules.items():
+        torch.testing.assert_close(m.delta(), ref.modules[name].delta(), rtol=1e-5, atol=1e-6)
+
+
+def test_official_loss_reduction_reproduces_the_quirk(tiny_lm, pool):
+    n = len(pool)
+    with LoraHubProblem(tiny_lm, pool, INPUTS, TARGETS, loss_reduction="official") as problem:
+        official = problem.losses(np.zeros(n))[0]
+    batch = tiny_lm.encode_pairs(INPUTS, TARGETS)
+    with torch.no_grad():
+        logits = tiny_lm.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    token_mean = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), batch["labels"][:, 1:],
+                                                   ignore_index=-100)
+    assert official == pytest.approx(token_mean.item() / len(INPUTS), rel=1e-5)
+
+
+def test_search_improves_the_objective_and_is_reproducible(tiny_lm, pool):
+    kw = dict(budget=40, seed=3)
+    first = lorahub_search(tiny_lm, pool, INPUTS, TARGETS, **kw)
+    again = lorahub_search(tiny_lm, pool, INPUTS, TARGETS, **kw)
+    assert first.evaluations == 40 and len(first.history) == 40
+    assert first.objective < first.objective_at_zero
+    assert first.weights == again.weights and first.history == again.history
+    assert all(-1.5 <= w <= 1.5 for w in first.weights)
+    other = lorahub_search(tiny_lm, pool, INPUTS, TARGETS, budget=40, seed=4)
+    assert other.weights != first.weights
+
+
+def test_search_exact_with_population_batching(tiny_lm, pool):
+    result = lorahub_search(tiny_lm, pool, INPUTS, TARGETS, semantics="exact", budget=24, population=4, seed=0)
+    assert result.evaluations == 24 and result.objective < result.objective_at_zero
+
+
+def test_method_compose_end_to_end(tiny_lm, pool, tmp_path):
+    method = LoraHub(OmegaConf.create({**CFG, "semantics": ["official", "exact"], "budget": 12, "n": 3}))
+    before = tiny_lm.generate(INPUTS[:2], max_new_tokens=4)
+    gen = method.compose(ctx_for(tiny_lm, pool, seed=1))
+    variants = []
+    for composed in gen:
+        report = composed.report
+        assert report.examples == 5 and report.steps == 12 and report.trained_params == 3 and report.seconds > 0
+        weights = report.info["weights"]
+        assert list(weights) == pool.sample(3, 1).names
+        assert composed.adapter.metadata["weights"] == weights
+        assert len(composed.generate(INPUTS[:2], max_new_tokens=4)) == 2
+        folder = composed.save(tmp_path / (composed.variant or "official"))
+        loaded = LoraAdapter.from_peft_folder(folder)
+        assert set(loaded.modules) == set(composed.adapter.modules)
+        variants.append(composed.variant)
+    assert variants == ["", "exact"]
+    assert tiny_lm.generate(INPUTS[:2], max_new_tokens=4) == before  # the base is restored
+
+
+def test_unequal_ranks(tiny_lm, make_pool):
+    mixed = make_pool(3, ranks=[2, 4, 4])
+    with pytest.raises(AdapterError, match="semantics=exact"):
+        compose_official(mixed, [1, 0, 0])
+    with pytest.raises(AdapterError, match="rank"):
+        LoraHubProblem(tiny_lm, mixed, INPUTS, TARGETS, semantics="official")
+    result = lorahub_search(tiny_lm, mixed, INPUTS, TARGETS, semantics="exact", budget=4)
+    assert len(result.weights) == 3
+
+
+def test_bad_configs():
+    for bad in ({"semantics": "sqrt"}, {"budget": 0}, {"bound": 0}, {"loss_reduction": "sum"}, {"n": 0}):
+        with pytest.raises(ConfigError):
+            LoraHub(OmegaConf.create({**CFG, **bad}))

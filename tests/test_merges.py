@@ -1,0 +1,322 @@
+"""The dense-delta merges (ties, dare, magnitude_prune), svd and linear variants: equal to peft's
+`merge_utils` functions on the same inputs and seed, the algebraic properties, the methods end to end on
+the tiny Llama and on UNet-like adapters, and clear errors for bad configs.
+
+Tolerances: comparisons are in float64; where our op order differs from peft's (the weighted sum as one
+matrix product, DARE's 1/density folded into the weights) results agree to rounding, rtol 1e-12 and
+atol 1e-12 × the largest entry. Where the computation is the same (permutations, seeds) we ask for
+bit equality.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+from peft.utils import merge_utils
+
+from bench.adapters import LoraAdapter, LoraModule
+from bench.errors import ConfigError
+from bench.pool import ExpertPool
+from bench.registry import get_method
+from methods.base import FitContext
+from methods.linear import concat_merge, dense_deltas
+from methods.merge_ops import (
+    dense_to_lora, fold_lora_, merge_dense, merge_stacked, module_seed, stack_factors,
+)
+
+CONF = Path(__file__).resolve().parents[1] / "conf" / "method"
+KINDS = ["ties", "dare_linear", "dare_ties", "magnitude_prune"]
+MERGE_METHODS = ["linear", "ties", "dare", "magnitude_prune", "svd", "lora_lego"]
+
+
+def close(actual: torch.Tensor, expected: torch.Tensor, rtol: float = 1e-12) -> None:
+    torch.testing.assert_close(actual, expected, rtol=rtol, atol=rtol * expected.abs().max().item())
+
+
+def adapter(name: str, shapes: dict[str, tuple[int, int]], rank: int = 4, seed: int = 0, scale: float = 2.0,
+            base: str = "base") -> LoraAdapter:
+    g = torch.Generator().manual_seed(seed)
+    modules = {m: LoraModule(torch.randn(rank, d_in, generator=g, dtype=torch.float64) / d_in**0.5,
+                             torch.randn(d_out, rank, generator=g, dtype=torch.float64), scale / rank)
+               for m, (d_out, d_in) in shapes.items()}
+    return LoraAdapter(name, base, modules, task_type=None)
+
+
+SHAPES = {"layers.0.q": (12, 10), "layers.0.up": (16, 10), "layers.1.q": (12, 10)}
+
+
+def pool(n: int = 3, ranks=None, shapes=SHAPES) -> list[LoraAdapter]:
+    ranks = ranks or [4] * n
+    return [adapter(f"e{i}", shapes, r, seed=10 + i) for i, r in enumerate(ranks)]
+
+
+def peft_reference(kind: str, deltas: list[torch.Tensor], weights: list[float], density: float, sign: str):
+    w = torch.tensor(weights, dtype=torch.float64)
+    if kind == "ties":
+        return merge_utils.ties(deltas, w, density, sign)
+    if kind == "dare_ties":
+        return merge_utils.dare_ties(deltas, w, density, sign)
+    if kind == "dare_linear":
+        return merge_utils.dare_linear(deltas, w, density)
+    return merge_utils.magnitude_prune(deltas, w, density)
+
+
+# --------------------------------------------------------------------- equal to peft's merge_utils
+
+
+@pytest.mark.filterwarnings("ignore:The density")
+@pytest.mark.parametrize("kind, sign", [(k, "total") for k in KINDS] + [("ties", "frequency"), ("dare_ties", "frequency")])
+@pytest.mark.parametrize("density", [0.3, 0.75, 1.0])
+def test_stacked_merge_equals_peft(kind, density, sign):
+    """Same inputs, and for DARE the global RNG seeded as our generator: same result as peft."""
+    g = torch.Generator().manual_seed(0)
+    deltas = [torch.randn(9, 7, generator=g, dtype=torch.float64) for _ in range(4)]
+    weights = [0.9, 0.4, -0.3, 1.2]
+    ours = merge_stacked(torch.stack(deltas), weights, kind, density, sign, torch.Generator().manual_seed(123))
+    torch.manual_seed(123)
+    close(ours, peft_reference(kind, deltas, weights, density, sign))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_merge_dense_equals_peft_per_module(kind):
+    """From adapters (experts in name order, DARE seeded per module) to peft on each module's deltas;
+    experts of different ranks are handled (dense deltas do not need equal ranks)."""
+    adapters = pool(3, ranks=[4, 2, 3])
+    weights = [0.5, 1.0, 0.7]
+    merged = merge_dense(adapters[::-1], weights[::-1], kind, density=0.4, seed=7)
+    for module, ours in merged.items():
+        deltas = [a.modules[module].delta() for a in adapters]
+        torch.manual_seed(module_seed(7, module))
+        close(ours, peft_reference(kind, deltas, weights, 0.4, "total"))
+
+
+def test_stack_factors_pads_ranks_exactly():
+    adapters = pool(3, ranks=[4, 2, 3])
+    A, B = stack_factors(adapters, "layers.0.q")
+    assert A.shape == (3, 4, 10) and B.shape == (3, 12, 4)
+    for i, a in enumerate(adapters):
+        close(B[i] @ A[i], a.modules["layers.0.q"].delta())
+
+
+# --------------------------------------------------------------------- properties
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_seeded_and_order_free(kind):
+    adapters = pool(4)
+    weights = [0.4, 0.3, 0.2, 0.1]
+    first = merge_dense(adapters, weights, kind, density=0.5, seed=3)
+    again = merge_dense(adapters, weights, kind, density=0.5, seed=3)
+    order = [2, 0, 3, 1]
+    permuted = merge_dense([adapters[i] for i in order], [weights[i] for i in order], kind, density=0.5, seed=3)
+    other_seed = merge_dense(adapters, weights, kind, density=0.5, seed=4)
+    for module in first:
+        assert torch.equal(first[module], again[module])
+        assert torch.equal(first[module], permuted[module])
+        if kind.startswith("dare"):
+            assert not torch.equal(first[module], other_seed[module])
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_one_expert_weight_one_reproduces_it(kind):
+    (a,) = pool(1)
+    merged = merge_dense([a], [1.0], kind, density=1.0)
+    for module, delta in merged.items():
+        close(delta, a.modules[module].delta())
+
+
+@pytest.mark.parametrize("density", [0.0, 1.5])
+def test_merge_dense_rejects_density_outside_unit_interval(density):
+    with pytest.raises(ConfigError, match="density"):
+        merge_dense(pool(2), [0.5, 0.5], "ties", density=density)
+
+
+def test_dare_density_one_equals_linear():
+    adapters = pool(3, ranks=[4, 2, 3])
+    weights = [0.2, 0.5, 0.3]
+    dare = merge_dense(adapters, weights, "dare_linear", density=1.0)
+    linear = dense_deltas(concat_merge(adapters, weights), torch.float64)
+    for module in linear:
+        close(dare[module], linear[module])
+
+
+def test_ties_density_one_with_agreeing_signs_is_the_mean():
+    """Experts sharing A and B up to positive factors agree in sign everywhere: the disjoint mean is the mean."""
+    base = adapter("e0", SHAPES)
+    adapters = [LoraAdapter(f"e{i}", "base", {k: LoraModule(m.A, m.B * c, m.scale) for k, m in base.modules.items()})
+                for i, c in enumerate([0.5, 1.0, 2.5])]
+    ties = merge_dense(adapters, [1.0, 1.0, 1.0], "ties", density=1.0)
+    for module, merged in ties.items():
+        mean = torch.stack([a.modules[module].delta() for a in adapters]).mean(0)
+        close(merged, mean)
+
+
+def test_dense_to_lora_full_rank_is_exact_and_truncation_is_optimal():
+    adapters = pool(3)
+    deltas = merge_dense(adapters, [1.0, 1.0, 1.0], "ties", density=0.5)
+    full = dense_to_lora(deltas, 10, adapters[0], "ties")  # rank ≥ min(d_out, d_in)
+    low = dense_to_lora(deltas, 3, adapters[0], "ties")
+    for module, delta in deltas.items():
+        close(full.modules[module].delta(), delta, rtol=1e-10)
+        s = torch.linalg.svdvals(delta)
+        err = (low.modules[module].delta() - delta).norm()
+        close(err, s[3:].norm(), rtol=1e-10)  # Eckart–Young
+
+
+def test_fold_lora_adds_the_update_in_place():
+    a = adapter("e0", SHAPES)
+    m = a.modules["layers.0.up"]
+    W = torch.randn(16, 10, dtype=torch.float64)
+    expected = W + m.delta()
+    out = fold_lora_(W, m)
+    assert out.data_ptr() == W.data_ptr()
+    close(W, expected)
+
+
+# --------------------------------------------------------------------- the methods
+
+
+def method_cfg(name: str, **overrides):
+    cfg = OmegaConf.load(CONF / f"{name}.yaml")
+    for key, value in overrides.items():
+        cfg[key] = value
+    return cfg
+
+
+def make_method(name: str, **overrides):
+    return get_method(name)(method_cfg(name, **overrides))
+
+
+def context(model, experts: list[LoraAdapter], seed: int = 0) -> FitContext:
+    return FitContext(model=model, pool=ExpertPool(experts[0].base_model, experts), fit_examples=[], seed=seed,
+                      prompt=lambda ex: ex.input, score=lambda composed, examples: 0.0)
+
+
+@pytest.mark.parametrize("name", MERGE_METHODS)
+def test_configs_have_usage_line_and_pass_checks(name):
+    first = (CONF / f"{name}.yaml").read_text().splitlines()[0]
+    assert first.startswith(f"# Usage: method={name} — ")
+    method = make_method(name)
+    assert set(method.domains) == {"nlp", "vl"}
+    assert OmegaConf.load(CONF / f"{name}.yaml").name == name
+
+
+@pytest.mark.parametrize("name, field, value", [
+    ("ties", "density", 0.0), ("ties", "density", 1.5), ("dare", "density", -0.1), ("magnitude_prune", "density", "x"),
+    ("ties", "rank", 0), ("dare", "rank", -2), ("svd", "rank", 0), ("lora_lego", "k", 0),
+    ("ties", "majority_sign_method", "mean"), ("dare", "combination", "slerp"), ("linear", "combination", "cat"),
+    ("lora_lego", "max_iter", 0),
+])
+def test_bad_config_is_a_clear_error(name, field, value):
+    with pytest.raises(ConfigError, match=f"method.{field}="):
+        make_method(name, **{field: value})
+
+
+class FakePipeline:
+    """A V&L stand-in: only the two context managers a static method needs (what a UNet pipeline offers)."""
+
+    device = torch.device("cpu")
+
+    def __init__(self) -> None:
+        self.applied: list = []
+
+    @contextlib.contextmanager
+    def adapter_applied(self, adapter):
+        self.applied.append(("adapter", adapter))
+        yield self
+
+    @contextlib.contextmanager
+    def deltas_folded(self, deltas):
+        self.applied.append(("deltas", deltas))
+        yield self
+
+
+UNET_SHAPES = {
+    "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q": (32, 32),
+    "down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k": (32, 24),
+    "mid_block.attentions.0.transformer_blocks.0.ff.net.2": (32, 64),
+}
+
+
+@pytest.mark.parametrize("name", MERGE_METHODS)
+def test_every_merge_works_on_unet_adapters(name, tmp_path):
+    experts = [adapter(f"subject{i}", UNET_SHAPES, rank=4, seed=i, base="sd-tiny") for i in range(3)]
+    fake = FakePipeline()
+    method = make_method(name, **({"fold": False} if name in ("ties", "dare", "magnitude_prune") else {}))
+    (composed,) = list(method.compose(context(fake, experts)))
+    kind, applied = fake.applied[0]
+    assert kind == "adapter" and composed.adapter is applied
+    assert set(applied.modules) == set(UNET_SHAPES)
+    reloaded = LoraAdapter.load(composed.save(tmp_path / name))  # a peft folder
+    for module, m in applied.modules.items():
+        got = reloaded.modules[module]
+        assert torch.equal(got.A, m.A) and torch.equal(got.B, m.B) and got.scale == m.scale
+
+
+@pytest.mark.parametrize("name", ["ties", "dare", "magnitude_prune"])
+def test_fold_true_folds_dense_deltas(name):
+    experts = pool(3)
+    fake = FakePipeline()
+    (composed,) = list(make_method(name).compose(context(fake, experts, seed=5)))
+    kind, deltas = fake.applied[0]
+    assert kind == "deltas" and composed.adapter is None
+    weights = [1.0] * 3 if name == "ties" else [1 / 3] * 3
+    kind_name = {"ties": "ties", "dare": "dare_linear", "magnitude_prune": "magnitude_prune"}[name]
+    density = method_cfg(name).density
+    expected = merge_dense(experts, weights, kind_name, density=density, seed=5, dtype=torch.float64)
+    for module in expected:
+        close(deltas[module], expected[module])
+
+
+def test_dare_default_weights_at_density_one_equal_linear_default():
+    experts = pool(3)
+    fake = FakePipeline()
+    list(make_method("dare", density=1.0).compose(context(fake, experts)))
+    list(make_method("linear").compose(context(fake, experts)))
+    dare, linear = fake.applied[0][1], dense_deltas(fake.applied[1][1], torch.float64)
+    for module in linear:
+        close(dare[module], linear[module])
+
+
+def test_linear_normalize_and_lambda():
+    experts = pool(2)
+    fake = FakePipeline()
+    list(make_method("linear", weights=[2.0, 6.0], normalize=True, **{"lambda": 0.5}).compose(context(fake, experts)))
+    merged = dense_deltas(fake.applied[0][1], torch.float64)
+    for module, delta in merged.items():
+        close(delta, 0.5 * (0.25 * experts[0].modules[module].delta() + 0.75 * experts[1].modules[module].delta()))
+
+
+def test_linear_peft_compat_variant_is_labelled():
+    experts = pool(2)
+    (composed,) = list(make_method("linear", combination="peft_compat").compose(context(FakePipeline(), experts)))
+    assert composed.variant == "peft_compat (not exact)" and composed.report.info["exact"] is False
+
+
+def test_svd_method_full_rank_reproduces_the_exact_sum():
+    experts = pool(3)
+    fake = FakePipeline()
+    list(make_method("svd", rank=12).compose(context(fake, experts)))
+    merged = dense_deltas(fake.applied[0][1], torch.float64)
+    exact = dense_deltas(concat_merge(experts, [1 / 3] * 3), torch.float64)
+    for module in exact:
+        close(merged[module], exact[module], rtol=1e-10)
+
+
+@pytest.mark.parametrize("name", ["ties", "dare", "lora_lego"])
+def test_on_the_tiny_llama_base_weights_are_restored(tiny_lm, make_pool, name):
+    experts = make_pool(3, seed=4)
+    weight = tiny_lm.model.get_submodule(experts.module_names[0]).weight
+    before = weight.detach().clone()
+    method = make_method(name)
+    ctx = FitContext(model=tiny_lm, pool=experts, fit_examples=[], seed=0, prompt=lambda e: e.input,
+                     score=lambda c, e: 0.0)
+    for composed in method.compose(ctx):
+        assert composed.generate(["1 + 1 ="], max_new_tokens=2)[0] is not None
+        if name != "lora_lego":  # folded: the base weight itself holds the merged delta
+            assert not torch.equal(tiny_lm.model.get_submodule(experts.module_names[0]).weight, before)
+    assert torch.equal(tiny_lm.model.get_submodule(experts.module_names[0]).weight, before)
