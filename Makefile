@@ -10,7 +10,7 @@ ARGS ?=
 PYTEST_ARGS ?=
 STAMP := $(VENV)/.installed
 
-.PHONY: install bench test experts sweep leaderboard report perf clean-runs
+.PHONY: install bench test experts sweep leaderboard report perf
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -40,3 +40,6 @@ leaderboard: install
 
 perf: install  ## performance benchmarks (GPU when present); numbers into results/perf/
 	$(BIN)/python -m bench.perf all
+
+report: install  ## print the leaderboard in the terminal
+	$(BIN)/python -m bench.report

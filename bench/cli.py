@@ -12,6 +12,7 @@ from omegaconf import DictConfig
 
 from bench.config import CONF_DIR, register_resolvers
 from bench.errors import BenchError
+from bench.sweep_summary import note_job
 
 log = logging.getLogger("bench")
 register_resolvers()
@@ -29,18 +30,22 @@ def main(cfg: DictConfig) -> dict:
 
     hydra_cfg = HydraConfig.get()
     sweeping = hydra_cfg.mode == RunMode.MULTIRUN
+    overrides = list(hydra_cfg.overrides.task)
     try:
         record = run(cfg, hydra_cfg.runtime.output_dir, record_input_errors=sweeping)
-    except BenchError as exc:
-        log.error("%s", exc)
-        if sweeping:
-            return {"status": "failed", "error": str(exc)}
-        sys.exit(2)
     except Exception as exc:
-        log.exception("job failed: %s", exc)
-        if sweeping:
-            return {"status": "failed", "error": f"{type(exc).__name__}: {exc}"}
-        raise
+        if isinstance(exc, BenchError):
+            log.error("%s", exc)
+        else:
+            log.exception("job failed: %s", exc)
+        if not sweeping:
+            if isinstance(exc, BenchError):
+                sys.exit(2)
+            raise
+        note_job(hydra_cfg.sweep.dir, "failed", None, overrides)
+        return {"status": "failed", "error": f"{type(exc).__name__}: {exc}"}
     status = "skipped" if record.get("skipped") else record["status"]
     log.info("%s %s/%s seed=%s: %s", status, cfg.method.name, cfg.task.name, cfg.seed, summarize(record))
+    if sweeping:
+        note_job(hydra_cfg.sweep.dir, status, record["job_key"], overrides)
     return {"status": status, "job_key": record["job_key"]}

@@ -107,7 +107,6 @@ def _alpha(m: LoraModule, rslora: bool) -> float:
 def load_diffusers_lora(source: str | Path, name: str | None = None, base_model: str | None = None) -> LoraAdapter:
     """A `LoraAdapter` from a diffusers LoRA folder or file, validated (see the module docstring)."""
     from diffusers import StableDiffusionPipeline
-    from diffusers.utils.state_dict_utils import convert_unet_state_dict_to_peft
 
     path = Path(source)
     folder = path if path.is_dir() else path.parent
@@ -131,10 +130,12 @@ def load_diffusers_lora(source: str | Path, name: str | None = None, base_model:
                 f"adapter {name!r}: tensors for {component!r} (only {COMPONENTS} are supported; SDXL LoRAs are not)"
             )
         prefix = component + "."
-        part = convert_unet_state_dict_to_peft({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)})
+        try:
+            part = _to_peft(component, {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)})
+        except ValueError as exc:
+            raise AdapterError(f"adapter {name!r}: unrecognized {component} LoRA key format ({exc})") from exc
         config = {k[len(prefix):]: v for k, v in metadata.items() if k.startswith(prefix)}
-        alphas = {k[len(prefix):-len(".alpha")]: float(v) for k, v in (network_alphas or {}).items()
-                  if k.startswith(prefix) and k.endswith(".alpha")}
+        alphas = _alphas(component, state, network_alphas or {}, part)
         for key, value in (("use_dora", False), ("lora_bias", False)):
             if config.get(key, value) != value:
                 raise AdapterError(f"adapter {name!r}: unsupported {component} LoRA feature {key}={config[key]!r}")
@@ -150,19 +151,54 @@ def load_diffusers_lora(source: str | Path, name: str | None = None, base_model:
     return adapter
 
 
+def _to_peft(component: str, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Keys in peft form (``<module>.lora_A.weight``), converted as diffusers converts each component on load."""
+    from diffusers.utils.state_dict_utils import (convert_state_dict_to_diffusers, convert_state_dict_to_peft,
+                                                  convert_unet_state_dict_to_peft)
+
+    if component == "unet":
+        return convert_unet_state_dict_to_peft(state)
+    state = convert_state_dict_to_peft(convert_state_dict_to_diffusers(state))
+    return {_text_model_free(k): v for k, v in state.items()}
+
+
+def _alphas(component: str, state: dict, network_alphas: dict, part: dict) -> dict[str, float]:
+    """Module path -> network alpha. An alpha is keyed by its down weight's original key + ``.alpha`` (kohya files
+    after diffusers' conversion), or by the module path + ``.alpha``; the converters keep the tensor objects, which
+    maps an original key to its converted module."""
+    converted = {id(v): k.split(".lora_")[0] for k, v in part.items()}
+    prefix, out = component + ".", {}
+    for key, value in network_alphas.items():
+        if not key.startswith(prefix) or not key.endswith(".alpha"):
+            continue
+        stem = key[: -len(".alpha")]
+        down = state.get(stem)
+        module = converted.get(id(down)) if down is not None else None
+        out[module or _text_model_free(stem[len(prefix):])] = float(value)
+    return out
+
+
+def _text_model_free(key: str) -> str:
+    """transformers 5 flattened CLIPTextModel (no ``text_model.`` level): older files name it, our models do not."""
+    return key.removeprefix("text_model.")
+
+
 def _factors(state: dict[str, torch.Tensor], name: str, component: str) -> dict[str, dict[str, torch.Tensor]]:
     factors: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in state.items():
         match = _KEY_RE.match(key)
         if match is None:
-            what = "DoRA magnitudes" if "lora_magnitude_vector" in key else "LoRA biases" if key.endswith(".bias") else "unknown tensors"
-            raise AdapterError(f"adapter {name!r}: unsupported tensor {component}.{key} ({what}; only lora_A/lora_B weights)")
+            what = ("DoRA magnitudes" if "lora_magnitude_vector" in key
+                    else "LoRA biases" if key.endswith(".bias") else "unknown tensors")
+            raise AdapterError(
+                f"adapter {name!r}: unsupported tensor {component}.{key} ({what}; only lora_A/lora_B weights)"
+            )
         if tensor.dim() != 2:
             raise AdapterError(
                 f"adapter {name!r}: {component}.{key} has shape {tuple(tensor.shape)}: convolution LoRAs are not "
                 "supported (only linear layers)"
             )
-        factors.setdefault(match["module"], {})[match["factor"]] = tensor.float()
+        factors.setdefault(match["module"], {})[match["factor"]] = tensor
     for module, pair in factors.items():
         if set(pair) != {"A", "B"}:
             raise AdapterError(f"adapter {name!r}: {component}.{module} lacks lora_{'B' if 'A' in pair else 'A'}")

@@ -24,7 +24,7 @@ from __future__ import annotations
 import contextlib
 import gzip
 import json
-import logging
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, ClassVar, Iterator, Sequence
@@ -36,8 +36,6 @@ from tqdm.auto import tqdm
 from bench.adapters import LoraAdapter, LoraModule
 from bench.errors import AdapterError, ConfigError
 from bench.pool import ExpertPool
-
-log = logging.getLogger(__name__)
 
 SOURCES = ("hub", "local", "tiny")
 SCHEDULERS = ("dpmsolver++", "ddim", "euler", "pndm")
@@ -175,7 +173,8 @@ class SamplingHooks:
     def embed(self, model: "DiffusionModel", prompts: list[str], negative: list[str], guidance: bool) -> Any:
         return model.encode_prompts(prompts, negative, guidance)
 
-    def noise(self, model: "DiffusionModel", latents: torch.Tensor, t: torch.Tensor, step: int, embeds: Any) -> torch.Tensor:
+    def noise(self, model: "DiffusionModel", latents: torch.Tensor, t: torch.Tensor, step: int,
+              embeds: Any) -> torch.Tensor:
         return model.unet_noise(latents, t, embeds)
 
 
@@ -237,7 +236,8 @@ class ExpertsLinear(torch.nn.Module):
         self.base, self.mix, self.path = base, mix, path
         w = base.weight
         self.register_buffer("A", torch.cat([m.A for m in modules]).to(w.device, w.dtype), persistent=False)
-        self.register_buffer("B", torch.cat([m.scale * m.B for m in modules], 1).to(w.device, w.dtype), persistent=False)
+        B = torch.cat([m.scale * m.B for m in modules], 1)
+        self.register_buffer("B", B.to(w.device, w.dtype), persistent=False)
         ranks = [m.rank for m in modules]
         self.bounds = [(sum(ranks[:i]), sum(ranks[: i + 1])) for i in range(len(ranks))]
         owner = torch.repeat_interleave(torch.arange(len(ranks)), torch.tensor(ranks))
@@ -384,8 +384,9 @@ class DiffusionModel:
 
     # ----------------------------------------------------------------- applying adapters
     def check_adapter(self, adapter: LoraAdapter) -> None:
-        """Every module of `adapter` is a linear layer of this model (under its component prefix) of its shape."""
-        ExpertPool(adapter.base_model or self.model_id, [adapter]).check_model(self.components)
+        """`adapter` was trained on this model (when it says), and every module it targets is a linear layer of this
+        model (under its component prefix) of the adapter's shape."""
+        ExpertPool(self.model_id, [adapter]).check_model(self.components)
         bad = sorted({m.split(".", 1)[0] for m in adapter.modules} - set(COMPONENTS))
         if bad:
             raise AdapterError(f"adapter {adapter.name!r}: module paths must start with one of {COMPONENTS}, got {bad}")
@@ -401,7 +402,7 @@ class DiffusionModel:
             raise RuntimeError("an adapter is already applied to this model")
         rank = max(adapter.ranks)
         config = LoraConfig(r=rank, lora_alpha=rank, lora_dropout=0.0, target_modules=list(adapter.modules),
-                            rank_pattern={_exact(k): m.rank for k, m in adapter.modules.items() if m.rank != rank})
+                            rank_pattern={re.escape(k): m.rank for k, m in adapter.modules.items() if m.rank != rank})
         inject_adapter_in_model(config, self.components, adapter_name=_PEFT_ADAPTER)
         layers = {name: self.components.get_submodule(name) for name in adapter.modules}
         try:
@@ -418,6 +419,7 @@ class DiffusionModel:
         finally:
             self._peft_layers = {}
             _unwrap_peft(self.components)
+            vars(self.components).pop("peft_config", None)  # left by peft's injection
 
     def lora_parameters(self) -> list[torch.nn.Parameter]:
         """The A and B factors of the adapter applied by `adapter_applied`."""
@@ -457,29 +459,78 @@ class DiffusionModel:
     def experts_applied(self, pool: ExpertPool) -> Iterator[ExpertMix]:
         """Run the block with every expert of `pool` stacked into `ExpertsLinear` layers, controlled through the
         yielded `ExpertMix` (initially off); the original linear modules are put back afterwards."""
-        pool.check_model(self.components)
         for adapter in pool:
             self.check_adapter(adapter)
-        mix = ExpertMix(pool.names)
-        originals: dict[str, torch.nn.Module] = {}
-        try:
-            for path in pool.module_names:
-                base = self.components.get_submodule(path)
-                layer = ExpertsLinear(base, [a.modules[path] for a in pool], mix, path)
-                _set_submodule(self.components, path, layer)
-                originals[path] = base
-                mix.layers[path] = layer
+        with stack_experts(self.components, pool) as mix:
             yield mix
-        finally:
-            for path, base in originals.items():
-                _set_submodule(self.components, path, base)
+
+    def expert_embeddings(self, mix: ExpertMix, prompts: Sequence[str], negative: Sequence[str], guidance: bool,
+                          scale: float = 1.0) -> list[torch.Tensor]:
+        """Text conditioning per expert (expert i alone in the text encoder); one shared tensor when the experts do
+        not touch the text encoder."""
+        if not any(path.startswith("text_encoder.") for path in mix.layers):
             mix.off()
+            return [self.encode_prompts(prompts, negative, guidance)] * mix.n
+        embeds = []
+        for i in range(mix.n):
+            mix.only(i, scale)
+            embeds.append(self.encode_prompts(prompts, negative, guidance))
+        mix.off()
+        return embeds
 
 
-def _exact(module: str) -> str:
-    import re
+@dataclass
+class HookedModel:
+    """A composed V&L model: `model` sampled with a method's hooks; same `generate` signature as DiffusionModel."""
 
-    return re.escape(module)
+    model: DiffusionModel
+    hooks: SamplingHooks
+
+    def generate(self, prompts: Sequence[str], **kwargs) -> list:
+        return self.model.generate(prompts, hooks=self.hooks, **kwargs)
+
+
+@contextlib.contextmanager
+def stack_experts(root: torch.nn.Module, pool: ExpertPool) -> Iterator[ExpertMix]:
+    """Replace every module of `pool` under `root` by an `ExpertsLinear` of all experts; restore on exit."""
+    pool.check_model(root)
+    mix = ExpertMix(pool.names)
+    originals: dict[str, torch.nn.Module] = {}
+    try:
+        for path in pool.module_names:
+            base = root.get_submodule(path)
+            layer = ExpertsLinear(base, [a.modules[path] for a in pool], mix, path)
+            _set_submodule(root, path, layer)
+            originals[path] = base
+            mix.layers[path] = layer
+        yield mix
+    finally:
+        for path, base in originals.items():
+            _set_submodule(root, path, base)
+        mix.off()
+
+
+def composite_noise(unet: Callable[[torch.Tensor, torch.Tensor, Any], torch.Tensor], mix: ExpertMix,
+                    latents: torch.Tensor, t: torch.Tensor, embeds: list[torch.Tensor], scale: float,
+                    batched: bool) -> torch.Tensor:
+    """LoRA Composite's prediction: the mean over experts of the prediction with expert i alone (at `scale`) on the
+    guidance batch; `embeds[i]` is expert i's conditioning. Batched: one call on batch N·rows, expert i on rows
+    i·rows … (i+1)·rows − 1; serial: N calls."""
+    n = mix.n
+    if not batched:
+        total = None
+        for i in range(n):
+            mix.only(i, scale)
+            pred = unet(latents, t, embeds[i])
+            total = pred if total is None else total + pred
+        mix.off()
+        return total / n
+    rows = latents.shape[0]
+    owner = torch.arange(n, device=latents.device).repeat_interleave(rows)
+    mix.weighted(scale * torch.nn.functional.one_hot(owner, n).to(latents.dtype))
+    pred = unet(latents.repeat(n, *([1] * (latents.dim() - 1))), t, torch.cat(embeds))
+    mix.off()
+    return pred.view(n, rows, *pred.shape[1:]).mean(0)
 
 
 def _set_submodule(root: torch.nn.Module, path: str, module: torch.nn.Module) -> None:

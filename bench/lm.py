@@ -106,14 +106,34 @@ class LanguageModel:
             ids = [self._ids(c)[-self.max_input_tokens :] for c in chunk]
             input_ids = _pad(ids, tok.pad_token_id, side="right" if self.is_seq2seq else "left").to(self.device)
             mask = _pad([[1] * len(r) for r in ids], 0, side="right" if self.is_seq2seq else "left").to(self.device)
+            stops = self.stop_token_ids()
             out = self.model.generate(
                 input_ids=input_ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
-                num_beams=1, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+                num_beams=1, pad_token_id=tok.pad_token_id, eos_token_id=stops,
                 temperature=None, top_p=None, top_k=None,
             )
             new = out if self.is_seq2seq else out[:, input_ids.shape[1] :]
-            outputs.extend(tok.batch_decode(new, skip_special_tokens=True))
+            outputs.extend(self.decode_until_stop(new.tolist()))
         return outputs
+
+    def stop_token_ids(self) -> list[int]:
+        """EOS and every other special token except padding/unknown (chat models end turns with tokens such as
+        ``<|im_end|>`` or ``<|endoftext|>``; a composed model may emit either)."""
+        tok = self.tokenizer
+        ignore = {tok.unk_token_id} | ({tok.pad_token_id} if tok.pad_token_id != tok.eos_token_id else set())
+        special = set(tok.all_special_ids) - ignore - {None}
+        return [tok.eos_token_id] + sorted(special - {tok.eos_token_id})
+
+    def decode_until_stop(self, rows: list[list[int]]) -> list[str]:
+        """Text of each generated row up to (without) its first stop token."""
+        stops = set(self.stop_token_ids())
+        start = 1 if self.is_seq2seq else 0  # seq2seq outputs begin with the decoder start token
+        texts = []
+        for row in rows:
+            row = row[start:]
+            end = next((i for i, t in enumerate(row) if t in stops), len(row))
+            texts.append(self.tokenizer.decode(row[:end], skip_special_tokens=True))
+        return texts
 
     # ----------------------------------------------------------------- applying adapters
     @contextlib.contextmanager

@@ -24,6 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 from bench.errors import BenchError, ConfigError
 from bench.records import RECORD_FILE, find_record, git_sha, job_config, job_key, library_versions, write_json_atomic
 from bench.registry import get_method, get_task
+from bench.tracking import log_record
 from methods.base import Composed, FitContext, Method, Timer
 from tasks.base import Task
 
@@ -76,6 +77,7 @@ def run(cfg: DictConfig, output_dir: str | Path, record_input_errors: bool = Fal
         raise
     record["finished_at"] = _now()
     write_json_atomic(output_dir / RECORD_FILE, record)
+    log_record(cfg, record)
     return record
 
 

@@ -172,9 +172,7 @@ def lego_merge(adapters: Sequence[LoraAdapter], k: int | None = None, seed: int 
     Modules are batched by unit count R (one k-means for all of them) and, for the GEMMs, by shape.
     Computed in `dtype` (default: the inputs' dtype, at least float32) on `device` (default: where the
     factors are); output in the inputs' dtype."""
-    k = max_rank(adapters) if k is None else k
-    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-        raise ConfigError(f"method.k={k!r}: must be an integer ≥ 1 (or null for max r_i)")
+    k = check_rank(k, field="method.k") or max_rank(adapters)
     adapters = sorted(adapters, key=lambda a: a.name)
     out_dtype = next(iter(adapters[0].modules.values())).A.dtype
     dtype = dtype or compute_dtype(out_dtype)

@@ -343,6 +343,8 @@ def lorahub_search(lm, pool: ExpertPool, inputs: Sequence[str], targets: Sequenc
                    optimizer: str = "NGOpt", batch_size: int = 8, max_len: int = 512,
                    loss_reduction: str = "mean") -> SearchResult:
     """LoraHub's gradient-free search of one weight per expert; the model is left as it was."""
+    import warnings
+
     import nevergrad as ng  # lazy: heavy
 
     if budget < 1:
@@ -358,8 +360,10 @@ def lorahub_search(lm, pool: ExpertPool, inputs: Sequence[str], targets: Sequenc
         raise ConfigError(f"LoraHub optimizer={optimizer!r} is not a nevergrad optimizer") from None
     opt = opt_cls(parametrization=param, budget=int(budget), num_workers=int(population))
     history: list[float] = []
-    with LoraHubProblem(lm, pool, inputs, targets, semantics=semantics, l1=l1, batch_size=batch_size,
-                        max_len=max_len, loss_reduction=loss_reduction, max_groups=population) as problem:
+    problem = LoraHubProblem(lm, pool, inputs, targets, semantics=semantics, l1=l1, batch_size=batch_size,
+                             max_len=max_len, loss_reduction=loss_reduction, max_groups=population)
+    with warnings.catch_warnings(), problem:
+        warnings.filterwarnings("ignore", message=".*RHOEND.*")  # scipy COBYLA (NGOpt's pick at N≈20, 1 worker)
         zero = float(problem.objective(np.zeros(n))[0])
         while len(history) < budget:
             cands = [opt.ask() for _ in range(min(population, budget - len(history)))]
@@ -421,6 +425,7 @@ class LoraHub(Method):
                 info={"weights": weights, "semantics": semantics, "objective": result.objective,
                       "objective_at_zero": result.objective_at_zero, "best_seen": result.best_seen,
                       "optimizer": result.optimizer, "population": int(cfg.get("population", 1)),
+                      "extra_evaluations": 2,  # w = 0 and the recommendation, for the record (in `seconds`)
                       "loss_reduction": str(cfg.get("loss_reduction", "mean")), "experts": pool.names},
             )
             variant = "" if semantics == "official" else semantics

@@ -6,8 +6,9 @@ sent to. The steps are peft's `peft.utils.merge_utils` (`magnitude_based_pruning
 `calculate_majority_sign_mask`, `disjoint_merge`, `task_arithmetic`) written on the stacked tensor, so
 each step is one tensor op for all experts:
 
-- trim: per expert, keep the ``int(density · numel)`` largest magnitudes (`torch.topk` on each row of
-  the stacked tensor, as peft does on each expert's tensor);
+- trim: per expert, keep the magnitudes at least the ``int(density · numel)``-th largest (its value from
+  `torch.topk` on each row of the stacked tensor): peft's top-k set, except that entries tying at the
+  threshold are all kept where topk keeps an arbitrary subset;
 - drop (DARE): per expert, a Bernoulli(density) mask drawn with ``torch.bernoulli(full_like(Δ_i, density))``
   from a generator seeded per module (`module_seed`), in expert order: exactly the draws peft's
   `random_pruning` makes after ``torch.manual_seed(module_seed(...))``, on CPU and GPU alike; the 1/density
@@ -15,7 +16,10 @@ each step is one tensor op for all experts:
 - elect (TIES): the majority sign per entry from the sum (``total``) or the count (``frequency``) of the
   pruned experts' signs; disjoint merge: the weighted sum of the agreeing entries divided by their count.
 
-`tests/test_merges.py` checks each kind against peft's functions given the same inputs and seed.
+`tests/test_merges.py` checks each kind against peft's functions given the same inputs and seed. On a GPU,
+`merge_stacked(fused=True)` runs everything after the selection (trim, drop, elect, merge) as compiled
+kernels that read the stacked deltas once or twice instead of the ~10 passes of the eager ops
+(`bench.perf.merge` checks it against the eager path on the device before timing it).
 Experts are put in name order first, so results do not depend on pool order (nor do DARE's masks).
 """
 
@@ -102,67 +106,119 @@ def weighted_sum(stacked: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     return torch.tensordot(weights.to(stacked.dtype), stacked, dims=1)
 
 
-def prune_magnitude(stacked: torch.Tensor, density: float) -> torch.Tensor:
-    """Per expert, keep the ``int(density · numel)`` entries of largest magnitude (peft's
-    `magnitude_based_pruning` on each row); returns a new tensor."""
-    flat = stacked.reshape(stacked.shape[0], -1)
-    k = int(density * flat.shape[1])
-    idx = flat.abs().topk(k, dim=1, sorted=False).indices
-    return torch.zeros_like(flat).scatter_(1, idx, flat.gather(1, idx)).view_as(stacked)
+def _per_expert(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """(N,) -> (N, 1, …, 1), broadcastable against `like` (N, …)."""
+    return t.view((-1,) + (1,) * (like.dim() - 1))
 
 
-def prune_random_(stacked: torch.Tensor, density: float, generator: torch.Generator | None) -> torch.Tensor:
-    """Per expert (in order), zero entries with a Bernoulli(density) mask, in place, without rescaling.
+def trim_thresholds(stacked: torch.Tensor, density: float, magnitudes: torch.Tensor | None = None) -> torch.Tensor:
+    """Per expert, the ``k = int(density · numel)``-th largest magnitude (+inf when k = 0), shaped to
+    broadcast against `stacked`: keeping ``|x| ≥ τ`` keeps exactly the entries `torch.topk` keeps (peft's
+    `magnitude_based_pruning`) unless magnitudes tie at τ, where all tied entries are kept (topk would
+    keep an arbitrary, device-dependent subset of them)."""
+    a = (stacked.abs() if magnitudes is None else magnitudes).reshape(stacked.shape[0], -1)
+    k = int(density * a.shape[1])
+    if k == 0:
+        tau = torch.full((a.shape[0],), float("inf"), dtype=a.dtype, device=a.device)
+    else:
+        tau = a.topk(k, dim=1, sorted=False).values.amin(1)
+    return _per_expert(tau, stacked)
 
-    The loop over experts is deliberate: one draw per expert tensor, as peft's `random_pruning` does, keeps
-    the random stream identical to peft's on every device (one stacked draw would match on CPU only)."""
+
+def dare_masks(stacked: torch.Tensor, density: float, generator: torch.Generator | None) -> torch.Tensor:
+    """DARE's keep-masks (N, …), one ``torch.bernoulli(full_like(Δ_i, density))`` draw per expert in order.
+
+    One draw per expert, as peft's `random_pruning` makes, keeps the random stream identical to peft's on
+    every device (a single stacked draw would match on CPU only)."""
+    p = torch.full_like(stacked[0], density)
+    mask = torch.empty_like(stacked)
     for i in range(stacked.shape[0]):
-        stacked[i].mul_(torch.bernoulli(torch.full_like(stacked[i], density), generator=generator))
-    return stacked
+        torch.bernoulli(p, generator=generator, out=mask[i])
+    return mask
 
 
 def disjoint_merge_(stacked: torch.Tensor, weights: torch.Tensor, majority_sign_method: str = "total") -> torch.Tensor:
     """TIES elect + disjoint merge (peft's `calculate_majority_sign_mask` + `disjoint_merge`): per entry,
     the weighted sum of the experts whose sign equals the elected sign, divided by how many they are.
-    Zeroes the disagreeing entries of `stacked` in place."""
-    if majority_sign_method == "total":
-        elected = stacked.sum(0)
-    elif majority_sign_method == "frequency":
-        elected = stacked.sign().sum(0)
-    else:
-        raise ConfigError(f"method.majority_sign_method={majority_sign_method!r}: must be one of {SIGN_METHODS}")
+    `majority_sign_method`: ``total`` (sign of the sum) or ``frequency`` (sign of the summed signs).
+    Overwrites `stacked`: flipped to the elected sign, disagreeing entries zeroed."""
+    elected = stacked.sum(0) if majority_sign_method == "total" else stacked.sign().sum(0)
     majority = (elected >= 0).to(stacked.dtype).mul_(2).sub_(1)  # +1 / -1
-    agree = (stacked * majority) > 0
-    stacked.mul_(agree)
-    count = agree.sum(0, dtype=stacked.dtype).clamp_(min=1)
-    return weighted_sum(stacked, weights).div_(count)
+    agreeing = stacked.mul_(majority).clamp_(min=0)  # |x| where sign(x) = majority, else 0
+    count = (agreeing > 0).sum(0, dtype=stacked.dtype).clamp_(min=1)
+    return weighted_sum(agreeing, weights).mul_(majority).div_(count)
+
+
+def _fused_tail(stacked: torch.Tensor, weights: torch.Tensor, tau: torch.Tensor | None, mask: torch.Tensor | None,
+                disjoint: bool, total: bool) -> torch.Tensor:
+    """Trim/drop + combine as elementwise ops and reductions over the expert axis only, written for
+    `torch.compile` to fuse into one or two passes over the stacked deltas (the eager path of
+    `merge_stacked` computes the same, op by op)."""
+    x = stacked
+    if tau is not None:
+        x = torch.where(x.abs() >= tau, x, 0.0)
+    if mask is not None:
+        x = x * mask
+    w = _per_expert(weights.to(x.dtype), x)
+    if not disjoint:
+        return (x * w).sum(0)
+    elected = x.sum(0) if total else torch.sign(x).sum(0)
+    majority = torch.where(elected >= 0, 1.0, -1.0).to(x.dtype)
+    agree = x * majority > 0
+    count = agree.sum(0).clamp(min=1).to(x.dtype)
+    return torch.where(agree, x * w, 0.0).sum(0) / count
+
+
+_compiled_tail = None
+
+
+def fused_tail(*args) -> torch.Tensor:
+    """`_fused_tail` compiled once (dynamic shapes) on first use; compilation errors propagate."""
+    global _compiled_tail
+    if _compiled_tail is None:
+        _compiled_tail = torch.compile(_fused_tail, dynamic=True)
+    return _compiled_tail(*args)
 
 
 def merge_stacked(stacked: torch.Tensor, weights: Sequence[float] | torch.Tensor, kind: str, density: float = 1.0,
-                  majority_sign_method: str = "total", generator: torch.Generator | None = None) -> torch.Tensor:
+                  majority_sign_method: str = "total", generator: torch.Generator | None = None,
+                  fused: bool = False) -> torch.Tensor:
     """Merge the stacked deltas ``(N, ...)`` of one module with `kind` (one of `KINDS`); consumes `stacked`.
 
-    density 1 skips pruning (as peft's `prune` does). DARE kinds draw their masks from `generator`."""
+    density 1 skips pruning (as peft's `prune` does). DARE kinds draw their masks from `generator`; their
+    1/density rescale is folded into the weights (a positive factor changes no sign election).
+    ``fused=True`` runs everything after the topk / the Bernoulli draws as compiled kernels
+    (`fused_tail`; same results up to rounding)."""
     if kind not in KINDS:
         raise ConfigError(f"unknown merge kind {kind!r}; expected one of {KINDS}")
+    if majority_sign_method not in SIGN_METHODS:
+        raise ConfigError(f"method.majority_sign_method={majority_sign_method!r}: must be one of {SIGN_METHODS}")
     w = torch.as_tensor(weights, dtype=torch.float64).to(stacked.device)
-    if density < 1.0:
-        if kind in ("ties", "magnitude_prune"):
-            stacked = prune_magnitude(stacked, density)
-        else:
-            stacked = prune_random_(stacked, density, generator)
-            w = w / density  # DARE's rescale; a positive factor changes no sign election
-    if kind in ("ties", "dare_ties"):
-        return disjoint_merge_(stacked, w, majority_sign_method)
-    return weighted_sum(stacked, w)
+    trimming = density < 1.0 and kind in ("ties", "magnitude_prune")
+    dropping = density < 1.0 and kind.startswith("dare")
+    if dropping:
+        w = w / density
+    disjoint = kind in ("ties", "dare_ties")
+    if fused:
+        tau = trim_thresholds(stacked, density) if trimming else None
+        mask = dare_masks(stacked, density, generator) if dropping else None
+        return fused_tail(stacked, w, tau, mask, disjoint, majority_sign_method == "total")
+    if trimming:
+        magnitudes = stacked.abs()
+        stacked.mul_(magnitudes >= trim_thresholds(stacked, density, magnitudes))
+        del magnitudes
+    if dropping:
+        stacked.mul_(dare_masks(stacked, density, generator))
+    return disjoint_merge_(stacked, w, majority_sign_method) if disjoint else weighted_sum(stacked, w)
 
 
 def merge_module(adapters: Sequence[LoraAdapter], weights: Sequence[float], module: str, kind: str,
                  density: float = 1.0, majority_sign_method: str = "total", generator: torch.Generator | None = None,
-                 dtype: torch.dtype = torch.float32, device: torch.device | str | None = None) -> torch.Tensor:
+                 dtype: torch.dtype = torch.float32, device: torch.device | str | None = None,
+                 fused: bool = False) -> torch.Tensor:
     """The merged dense ΔW ``(d_out, d_in)`` of one module, experts taken in the order given."""
     A, B = stack_factors(adapters, module, dtype, device)
-    return merge_stacked(expert_deltas(A, B), weights, kind, density, majority_sign_method, generator)
+    return merge_stacked(expert_deltas(A, B), weights, kind, density, majority_sign_method, generator, fused)
 
 
 def module_generator(seed: int, module: str, device: torch.device | str | None) -> torch.Generator:

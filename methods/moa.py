@@ -22,6 +22,7 @@ from __future__ import annotations
 import importlib
 import random
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
 import torch
@@ -112,7 +113,11 @@ def hidden_features(lm: LanguageModel, prompts: Sequence[str], batch_size: int =
             hidden = lm.model.get_encoder()(input_ids=input_ids, attention_mask=mask).last_hidden_state
         else:
             pos = (mask.cumsum(-1) - 1).clamp(min=0)
-            out = lm.model(input_ids=input_ids, attention_mask=mask, position_ids=pos, output_hidden_states=True)
+            kw = dict(input_ids=input_ids, attention_mask=mask, position_ids=pos, output_hidden_states=True)
+            try:  # logits of the last position only: the LM head over the whole sequence is not needed
+                out = lm.model(**kw, logits_to_keep=1)
+            except TypeError:
+                out = lm.model(**kw)
             hidden = out.hidden_states[-1]
         m = mask.unsqueeze(-1).to(hidden.dtype)
         feats.append(((hidden * m).sum(1) / m.sum(1).clamp(min=1)).float())
@@ -192,13 +197,26 @@ def route_gates(logits: torch.Tensor, top_k: int = 1) -> torch.Tensor:
 
 @dataclass
 class RoutedComposed(Composed):
-    """The base with the experts in place; before each generated chunk, `route(prompts) -> (b, N)` weights
-    are computed and `apply(weights)` sets them per row (stacked-layer gates, or per-row fused factors)."""
+    """The base with the experts in place; before each generated chunk, `route(prompts)` returns (b, N)
+    composition weights and (b, N) scores (router logits or similarities, which order the chosen experts in
+    `routes`), and `apply(weights)` sets the weights per row (stacked-layer gates, or per-row fused factors)."""
 
-    route: Callable[[list[str]], torch.Tensor] | None = None
+    route: Callable[[list[str]], tuple[torch.Tensor, torch.Tensor]] | None = None
     apply: Callable[[torch.Tensor | None], None] | None = None
     names: list[str] = field(default_factory=list)
     routes: list[list[str]] = field(default_factory=list)  # experts used for each prompt generated so far
+    state: dict | None = None  # what `save` writes (router weights, expert names, ...)
+
+    def save(self, folder) -> Path | None:
+        """Write `state` (tensors and JSON-able values) as ``routing.pt`` in `folder`; None when there is none."""
+        if self.state is None:
+            return None
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        tmp = folder / "routing.pt.tmp"
+        torch.save(self.state, tmp)
+        tmp.replace(folder / "routing.pt")
+        return folder
 
     def generate(self, prompts: list[str], max_new_tokens: int = 16, batch_size: int = 8, progress: bool = False,
                  desc: str = "generate", **_) -> list[str]:
@@ -208,14 +226,15 @@ class RoutedComposed(Composed):
         starts = range(0, len(prompts), batch_size)
         for i in tqdm(starts, desc=desc, disable=not progress, leave=False):
             chunk = list(prompts[i : i + batch_size])
-            weights = self.route(chunk)
+            weights, scores = self.route(chunk)
             self.apply(weights)
             try:
                 outputs.extend(lm.generate(chunk, max_new_tokens=max_new_tokens, batch_size=len(chunk)))
             finally:
                 self.apply(None)
-            for row in weights.tolist():
-                chosen = [self.names[j] for j, w in sorted(enumerate(row), key=lambda jw: -jw[1]) if w > 0]
+            for row, score in zip(weights.tolist(), scores.tolist()):
+                order = sorted(range(len(row)), key=lambda j: (-row[j], -score[j]))
+                chosen = [self.names[j] for j in order if row[j] > 0]
                 self.routes.append(chosen)
                 counts[chosen[0]] = counts.get(chosen[0], 0) + 1
         return outputs
@@ -246,6 +265,8 @@ class MixtureOfLoras(Method):
         if int(cfg.get("hidden", 0)) < 0 or int(cfg.get("epochs", 300)) < 1:
             raise ConfigError("method.hidden must be ≥ 0 and method.epochs ≥ 1")
 
+    _cache: dict | None = None
+
     def fit_router(self, lm: LanguageModel, pool: ExpertPool, seed: int,
                    provider: Callable | None = None) -> tuple[Router, dict]:
         """Train the router on the experts' own task examples; returns it and what it used."""
@@ -271,21 +292,32 @@ class MixtureOfLoras(Method):
         n = self.cfg.get("n")
         pool = ctx.pool.sample(None if n is None else int(n), ctx.seed)
         lm = ctx.model
+        # one router per (experts, seed): later fit units (per-subtask scope) reuse it at no cost
+        key = (tuple(pool.names), int(ctx.seed), id(lm))
+        self._cache = self._cache or {}
         with Timer() as timer:
-            router, info = self.fit_router(lm, pool, ctx.seed)
+            cached = key in self._cache
+            if not cached:
+                self._cache[key] = self.fit_router(lm, pool, ctx.seed)
+            router, info = self._cache[key]
+        if cached:
+            info = {**info, "router_reused": True}
         top_k = int(self.cfg.get("top_k", 1))
-        report = FitReport(examples=info["router_examples"], steps=info["epochs"], seconds=timer.seconds,
-                           trained_params=info["router_params"],
+        report = FitReport(examples=0 if cached else info["router_examples"], steps=0 if cached else info["epochs"],
+                           seconds=timer.seconds, trained_params=info["router_params"],
                            info={**info, "top_k": top_k, "experts": pool.names, "route_counts": {}})
         with stacked_experts(lm.model, pool) as layers:
             apply = gate_applier(layers, len(pool), lm.device)
             apply(None)
             fb = int(self.cfg.get("feature_batch_size", 16))
 
-            def route(prompts: list[str]) -> torch.Tensor:
+            def route(prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
                 apply(None)  # features of the frozen base: no expert active
                 with torch.no_grad():
-                    return route_gates(router(hidden_features(lm, prompts, fb)), top_k)
+                    logits = router(hidden_features(lm, prompts, fb))
+                return route_gates(logits, top_k), logits
 
+            state = {"router": router.state_dict(), "experts": pool.names, "top_k": top_k,
+                     "hidden": int(self.cfg.get("hidden", 0)), "features": "mean-pooled last hidden state"}
             yield RoutedComposed(lm, report, "" if top_k == 1 else f"top{top_k}", None, route=route, apply=apply,
-                                 names=pool.names)
+                                 names=pool.names, state=state)

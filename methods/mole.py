@@ -1,8 +1,8 @@
 """`method=mole`: Mixture of LoRA Experts (Wu et al., ICLR 2024; DESIGN §4).
 
-The N frozen experts of every target matrix run as one stacked LoRA (`bench.stacked.StackedLoraLinear`, gates
-set per forward through its `gate_fn`);
-learnable gates weight their outputs: ``y = W x + Σ_i G_i · Δh_i(x)``.
+The N frozen experts of every target matrix run as one stacked LoRA (`bench.stacked.StackedLoraLinear`);
+learnable gates weight their outputs, ``y = W x + Σ_i G_i · Δh_i(x)``, handed to each stacked layer per
+forward through its `gate_fn` (one broadcast multiply and two GEMMs, no loop over experts).
 
 Gate. A gate reads its matrix's experts' outputs ``Δh_i`` (each d_out wide), mean-pooled over the sequence
 (see *Pooling*), normalizes each expert's pooled output (parameter-free LayerNorm over its d_out features),

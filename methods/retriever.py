@@ -158,19 +158,26 @@ class Retriever(Method):
         k, weighting = int(cfg.get("k", 3)), str(cfg.get("weighting", "uniform"))
         temperature = float(cfg.get("temperature", 1.0))
         path = cfg.get("embedder_path")
+        key = (tuple(pool.names), int(ctx.seed), str(lm.device))
+        self._cache = getattr(self, "_cache", None) or {}
         with Timer() as timer:
             embedder = load_embedder(str(path) if path else None, str(lm.device))
-            keys, source, n_texts = expert_embeddings(embedder, pool, str(cfg.get("expert_embedding", "auto")),
-                                                      int(cfg.get("examples_per_expert", 10)), ctx.seed)
+            cached = key in self._cache  # later fit units reuse the expert embeddings
+            if not cached:
+                self._cache[key] = expert_embeddings(embedder, pool, str(cfg.get("expert_embedding", "auto")),
+                                                     int(cfg.get("examples_per_expert", 10)), ctx.seed)
+            keys, source, n_texts = self._cache[key]
         report = FitReport(
-            examples=n_texts if source == "examples" else 0, steps=0, seconds=timer.seconds, trained_params=0,
+            examples=n_texts if source == "examples" and not cached else 0, steps=0, seconds=timer.seconds,
+            trained_params=0,
             info={"k": k, "combine": combine, "weighting": weighting, "expert_embedding": source,
                   "embedder": embedder.path.name if embedder.path.name != "model" else PACKAGE,
                   "experts": pool.names, "route_counts": {}},
         )
 
-        def route(prompts: list[str]) -> torch.Tensor:
-            return retrieval_weights(embedder.encode(prompts).to(keys.device), keys, k, weighting, temperature)
+        def route(prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+            query = embedder.encode(prompts).to(keys.device)
+            return retrieval_weights(query, keys, k, weighting, temperature), query @ keys.T
 
         with contextlib.ExitStack() as stack:
             if combine == "outputs":
@@ -183,5 +190,7 @@ class Retriever(Method):
                     bank.set_weights(torch.zeros(1, len(pool)) if weights is None else weights)
 
             apply(None)
+            state = {"expert_embeddings": keys.cpu(), "experts": pool.names, "k": k, "combine": combine,
+                     "weighting": weighting, "temperature": temperature, "expert_embedding": source}
             yield RoutedComposed(lm, report, "" if combine == "outputs" else combine, None, route=route,
-                                 apply=apply, names=pool.names)
+                                 apply=apply, names=pool.names, state=state)

@@ -73,7 +73,7 @@ def greedy_generate(lm: LanguageModel, input_ids: torch.Tensor, mask: torch.Tens
     tok = lm.tokenizer
     out = lm.model.generate(
         input_ids=input_ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
-        pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, temperature=None, top_p=None, top_k=None,
+        pad_token_id=tok.pad_token_id, eos_token_id=lm.stop_token_ids(), temperature=None, top_p=None, top_k=None,
         logits_processor=LogitsProcessorList(processors or []),
     )
     return out if lm.is_seq2seq else out[:, input_ids.shape[1] :]
@@ -135,7 +135,7 @@ class TextCompositeComposed(Composed):
                                       [AverageLogProbs(n)])
             finally:
                 set_gates(self.layers, torch.zeros(n, device=lm.device))
-            outputs.extend(lm.tokenizer.batch_decode(new[:b], skip_special_tokens=True))
+            outputs.extend(lm.decode_until_stop(new[:b].tolist()))
         return outputs
 
 
@@ -194,7 +194,7 @@ class TextSwitchComposed(Composed):
             finally:
                 set_gates(self.layers, torch.zeros(self.n_experts, device=lm.device))
             self.last_trace = switch.trace
-            outputs.extend(lm.tokenizer.batch_decode(new, skip_special_tokens=True))
+            outputs.extend(lm.decode_until_stop(new.tolist()))
         return outputs
 
 

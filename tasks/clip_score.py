@@ -87,7 +87,8 @@ class ClipScorer:
 
     def encode_pixels(self, pixels: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) images in [0, 1] -> unit embeddings, differentiable (square images: resize, normalize)."""
-        x = F.interpolate(pixels.float(), size=(self.size, self.size), mode="bicubic", antialias=True, align_corners=False)
+        x = F.interpolate(pixels.float(), size=(self.size, self.size), mode="bicubic", antialias=True,
+                          align_corners=False)
         mean = torch.tensor(self.mean, device=x.device).view(1, 3, 1, 1)
         std = torch.tensor(self.std, device=x.device).view(1, 3, 1, 1)
         return F.normalize(self.model.encode_image((x - mean) / std).float(), dim=-1)

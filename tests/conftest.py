@@ -16,6 +16,8 @@ ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
 CACHE = Path(os.environ.get("BENCH_CACHE_DIR", ROOT / ".cache"))
 DATA_ROOT = ROOT.parent / "shared" / "data"
+# The tiny test models run fastest on one thread (and do not thrash a shared 2-core runner).
+torch.set_num_threads(1)
 
 
 def model_cfg(name: str):

@@ -89,7 +89,7 @@ def test_mixed_batch_routes_each_row_to_its_own_expert(tiny_lm, task_pool):
     assert [r[0] for r in composed.routes] == [f"expert_{e.subtask}" for e in rows]
     assert composed.report.info["route_counts"] == {f"expert_{e.subtask}": 1 for e in rows}
     # the same gates on a padded forward give each row the logits of its expert alone
-    gates = composed.route(prompts)
+    gates, _ = composed.route(prompts)
     composed.apply(gates)
     ids, mask = moa_inputs(tiny_lm, prompts)
     with torch.no_grad():
@@ -118,17 +118,25 @@ def moa_inputs(lm, prompts):
     return encode_prompts(lm, prompts)
 
 
-def test_top_k_weighted_routing_is_a_variant(tiny_lm, task_pool):
+def test_top_k_weighted_routing_is_a_variant(tiny_lm, task_pool, tmp_path):
     method = MixtureOfLoras(OmegaConf.create({**CFG, "top_k": 2}))
     gen = method.compose(ctx_for(tiny_lm, task_pool))
     composed = next(gen)
     assert composed.variant == "top2"
-    gates = composed.route([PROMPT.format(input="( True and False ) is"),
+    gates, _ = composed.route([PROMPT.format(input="( True and False ) is"),
                             PROMPT.format(input="I have two cats. How many animals do I have?")])
     assert torch.allclose(gates.sum(-1), torch.ones(2)) and ((gates > 0).sum(-1) == 2).all()
     out = composed.generate(["( True and False ) is"], max_new_tokens=3)
+    folder = composed.save(tmp_path / "moa")
     gen.close()
     assert len(out) == 1 and len(composed.routes[0]) == 2
+    state = torch.load(folder / "routing.pt", weights_only=True)
+    assert state["experts"] == task_pool.names and state["top_k"] == 2 and "net.weight" in state["router"]
+    # a second fit unit with the same experts and seed reuses the router (trained once per run)
+    gen2 = method.compose(ctx_for(tiny_lm, task_pool))
+    again = next(gen2)
+    gen2.close()
+    assert again.report.info["router_reused"] and again.report.examples == 0
 
 
 def test_bad_config():

@@ -4,7 +4,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from bench.stacked import set_gates, stacked_experts
+from bench.stacked import set_gates
 from methods.base import FitContext
 from methods.text_decoding import (
     TextCompositeComposed,
@@ -158,3 +158,20 @@ def test_switch_subset_and_bad_tau(tiny_lm, pool3):
     assert got == alone(tiny_lm, pool3[2], PROMPTS[:1])
     with pytest.raises(ConfigError):
         next(text_switch_compose(ctx_for(tiny_lm, pool3), OmegaConf.create({"tau": 0})))
+
+
+def test_seq2seq_forms(tiny_t5):
+    from bench.pool import ExpertPool
+    from tests.conftest import random_adapter
+
+    pool = ExpertPool(tiny_t5.model_id, [random_adapter(tiny_t5.model, f"t{i}", tiny_t5.model_id, targets=("q", "v"),
+                                                        alpha=64.0, seed=i) for i in range(2)])
+    prompts = ["True and False is", "(1 + 2) ="]
+    gen = text_composite_compose(ctx_for(tiny_t5, pool), OmegaConf.create({"experts": ["t1"]}))
+    got = next(gen).generate(prompts, max_new_tokens=MAX_NEW)
+    gen.close()
+    gen = text_switch_compose(ctx_for(tiny_t5, pool), OmegaConf.create({"tau": MAX_NEW}))
+    switched = next(gen).generate(prompts, max_new_tokens=MAX_NEW)
+    gen.close()
+    assert got == alone(tiny_t5, pool[1], prompts)
+    assert switched == alone(tiny_t5, pool[0], prompts)

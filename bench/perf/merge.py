@@ -19,6 +19,11 @@ dtype (bf16 on a GPU, fp32 on CPU; `--dtype`). Operations, each over the whole s
   float64). Time only, and only for N ≤ 8 (224 small float64 SVDs of size N·r are latency-bound on a GPU
   and would dominate the run's time budget at N = 32).
 
+Dense merges run ``fused`` on a GPU (`merge_stacked(fused=True)`: everything after the topk / the
+Bernoulli draws as `torch.compile`d kernels), checked against the eager path on one module of each shape
+first (the error lands in the metadata); at N = 8 the eager path is timed too. Without a working
+compiler they fall back to eager and the metadata says why.
+
 Times are medians (and minima) over repeats after warm-up (`common.time_fn`); GB/s = counted bytes /
 median time; ratio = GB/s ÷ the copy bandwidth measured in the same run. Goals are GPU goals: on CPU
 they are reported as n/a.
@@ -73,11 +78,15 @@ def synthetic_pool(n: int, shapes: dict[str, tuple[int, int]], rank: int, dtype:
     return pool
 
 
-def base_weights(shapes: dict[str, tuple[int, int]], dtype: torch.dtype, device: torch.device) -> dict[str, torch.Tensor]:
-    return {name: torch.randn(d_out, d_in, device=device).mul_(0.02).to(dtype) for name, (d_out, d_in) in shapes.items()}
+def base_weights(shapes: dict[str, tuple[int, int]], dtype: torch.dtype,
+                 device: torch.device) -> dict[str, torch.Tensor]:
+    """Random base weights W (d_out × d_in) for every module."""
+    return {name: torch.randn(d_out, d_in, device=device).mul_(0.02).to(dtype)
+            for name, (d_out, d_in) in shapes.items()}
 
 
-def operation(op: str, pool: list[LoraAdapter], weights: dict[str, torch.Tensor], rank: int) -> Callable[[], None]:
+def operation(op: str, pool: list[LoraAdapter], weights: dict[str, torch.Tensor], rank: int,
+              fused: bool = False) -> Callable[[], None]:
     n = len(pool)
     if op == "fold_linear":
         merged = concat_merge(pool, [1.0 / n] * n)
@@ -92,14 +101,30 @@ def operation(op: str, pool: list[LoraAdapter], weights: dict[str, torch.Tensor]
         def run() -> None:
             svd_merge(pool, [1.0 / n] * n, rank)
     else:
-        density = DENSE_OPS[op]
-        w = [1.0] * n if op in ("ties", "dare_ties") else [1.0 / n] * n
-
         def run() -> None:
             for name, W in weights.items():
-                gen = module_generator(0, name, W.device) if op.startswith("dare") else None
-                W.add_(merge_module(pool, w, name, op, density, "total", gen, W.dtype, W.device))
+                W.add_(dense_merge(op, pool, name, W, fused))
     return run
+
+
+def dense_merge(op: str, pool: list[LoraAdapter], module: str, W: torch.Tensor, fused: bool) -> torch.Tensor:
+    """One module's merged ΔW for a dense op, computed in W's dtype on W's device (the methods' defaults:
+    weights 1 for disjoint means, 1/N otherwise; DARE seeded per module)."""
+    n = len(pool)
+    w = [1.0] * n if op in ("ties", "dare_ties") else [1.0 / n] * n
+    gen = module_generator(0, module, W.device) if op.startswith("dare") else None
+    return merge_module(pool, w, module, op, DENSE_OPS[op], "total", gen, W.dtype, W.device, fused)
+
+
+def fused_error(op: str, pool: list[LoraAdapter], weights: dict[str, torch.Tensor]) -> float:
+    """Largest |fused − eager| / max |eager| over one module of each shape (compiles the fused kernels)."""
+    firsts = {tuple(W.shape): name for name, W in reversed(list(weights.items()))}
+    err = 0.0
+    for name in firsts.values():
+        eager = dense_merge(op, pool, name, weights[name], False).float()
+        fused = dense_merge(op, pool, name, weights[name], True).float()
+        err = max(err, ((fused - eager).abs().max() / eager.abs().max().clamp(min=1e-30)).item())
+    return err
 
 
 def counted_bytes(op: str, pool: list[LoraAdapter], weights: dict[str, torch.Tensor]) -> int | None:
@@ -132,6 +157,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--rank", type=int, default=16)
     p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default bf16 on GPU, fp32 on CPU")
     p.add_argument("--ops", default=",".join(OPS), help=f"comma-separated subset of {OPS}")
+    p.add_argument("--fused", choices=["auto", "on", "off"], default="auto",
+                   help="dense merges through the compiled tail (auto: on a GPU); eager rows at N=8 for comparison")
     p.add_argument("--quick", action="store_true", help="small shapes (the default without a GPU)")
     return p.parse_args(argv)
 
@@ -139,41 +166,55 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     args = parse(argv)
     device = pick_device(args.device)
-    preset = QUICK if args.quick or device.type == "cpu" else FULL
+    gpu = device.type == "cuda"
+    preset = QUICK if args.quick or not gpu else FULL
     layers, d, ffn = args.layers or preset["layers"], args.d or preset["d"], args.ffn or preset["ffn"]
     ns = [int(x) for x in args.n.split(",")] if args.n else preset["n"]
-    dtype = DTYPES[args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
+    dtype = DTYPES[args.dtype or ("bf16" if gpu else "fp32")]
     ops = [o for o in args.ops.split(",") if o]
     unknown = set(ops) - set(OPS)
     if unknown:
         raise SystemExit(f"unknown ops {sorted(unknown)}; choose from {OPS}")
-    gpu = device.type == "cuda"
+    fused = args.fused == "on" or (args.fused == "auto" and gpu)
     shapes = stack_shapes(layers, d, ffn)
     copy_bps = copy_bandwidth(device)
     weights = base_weights(shapes, dtype, device)
-    rows = []
+    rows, fused_errors, fused_note = [], {}, "off"
     for n in ns:
         pool = synthetic_pool(n, shapes, args.rank, dtype, device, seed=n)
+        if fused and not fused_errors:  # compile and check against the eager path once, on the device
+            try:
+                fused_errors = {op: fused_error(op, pool, weights) for op in ops if op in DENSE_OPS}
+                fused_note = "on (torch.compile of merge_ops._fused_tail)"
+            except Exception as exc:  # no Triton / compiler: measure the eager path only
+                fused, fused_note = False, f"unavailable: {type(exc).__name__}: {str(exc)[:300]}"
+            print(f"fused: {fused_note}; max rel. error vs eager {fused_errors}", flush=True)
         for op in ops:
             if op == "svd" and n > SVD_MAX_N:
                 continue
-            slow = op not in ("fold_linear", "cat")
-            t = time_fn(operation(op, pool, weights, args.rank), device,
-                        warmup=1 if slow else 3, repeat=(3 if n >= 32 else 5) if slow else 10)
-            nbytes = counted_bytes(op, pool, weights)
-            gbps = nbytes / t["median_s"] / 1e9 if nbytes else None
-            ratio = gbps * 1e9 / copy_bps if gbps else None
-            goal_text, verdict = goal(op, n, t["median_s"], ratio, gpu)
-            rows.append({"op": op, "n": n, "median_s": t["median_s"], "min_s": t["min_s"],
-                         "counted_GB": nbytes / 1e9 if nbytes else None, "GBps": gbps,
-                         "copy_GBps": copy_bps / 1e9, "ratio": ratio, "goal": goal_text, "result": verdict})
-            print(f"{op:16s} N={n:<3d} median {t['median_s'] * 1e3:9.2f} ms  "
-                  + (f"{gbps:8.1f} GB/s  ratio {ratio:.2f}" if gbps else ""), flush=True)
+            impls = [False]
+            if op in DENSE_OPS and fused:
+                impls = [True, False] if n == MERGE_GOAL_N else [True]
+            for impl in impls:
+                slow = op not in ("fold_linear", "cat")
+                t = time_fn(operation(op, pool, weights, args.rank, impl), device,
+                            warmup=1 if slow else 3, repeat=(2 if n >= 32 else 5) if slow else 10)
+                nbytes = counted_bytes(op, pool, weights)
+                gbps = nbytes / t["median_s"] / 1e9 if nbytes else None
+                ratio = gbps * 1e9 / copy_bps if gbps else None
+                goal_text, verdict = goal(op, n, t["median_s"], ratio, gpu)
+                label = ("fused" if impl else "eager") if op in DENSE_OPS else ""
+                rows.append({"op": op, "impl": label, "n": n, "median_s": t["median_s"], "min_s": t["min_s"],
+                             "counted_GB": nbytes / 1e9 if nbytes else None, "GBps": gbps,
+                             "copy_GBps": copy_bps / 1e9, "ratio": ratio, "goal": goal_text, "result": verdict})
+                print(f"{op:16s} {label:5s} N={n:<3d} median {t['median_s'] * 1e3:9.2f} ms  "
+                      + (f"{gbps:8.1f} GB/s  ratio {ratio:.2f}" if gbps else ""), flush=True)
         del pool
         if gpu:
             torch.cuda.empty_cache()
     meta = {"layers": layers, "d": d, "ffn": ffn, "modules": len(shapes), "rank": args.rank,
-            "dtype": str(dtype).removeprefix("torch."), "densities": DENSE_OPS,
+            "dtype": str(dtype).removeprefix("torch."), "densities": DENSE_OPS, "fused": fused_note,
+            "fused_max_rel_error_vs_eager": fused_errors,
             "bytes_counted": {"fold_linear": "2·|W| (W read + written) + factors read",
                               "dense merges": "(N + 2)·|W|: N dense deltas written once + W read and written",
                               "cat, svd": "not counted (time only)"},

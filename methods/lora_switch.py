@@ -1,0 +1,79 @@
+"""`method=lora_switch`: LoRA Switch (Multi-LoRA Composition, Zhong et al. 2024), DESIGN §4.
+
+Exactly one expert is active at each denoising step; the active one advances every τ steps, cycling through the pool
+in order: step i uses expert ``(i // τ) mod N`` (`switch_schedule`). Each expert is applied at ``lora_scale`` (0.8 in
+the paper). When the experts also target the text encoder, step i reads the prompt embedding made with its expert.
+
+The off-by-one: diffusers' ``callback_on_step_end`` runs *after* step i, so a switch made there first acts at step
+i+1; the official callback (switch at the end of steps τ, 2τ, …) gives the first expert τ+1 steps. Our sampler asks
+the method for step i's prediction before making it, so step i uses exactly ``schedule[i]``; `step_end_callback`
+is the matching callback for a stock ``StableDiffusionPipeline`` (it activates ``schedule[i + 1]`` at the end of
+step i). The schedule function is shared with the text form of Switch (switch every τ tokens).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Iterator
+
+import torch
+
+from bench.diffusion import HookedModel
+from bench.errors import ConfigError
+from bench.registry import register_method
+from methods.base import Composed, FitContext, FitReport, Method
+
+
+def active_expert(step: int, n_experts: int, tau: int) -> int:
+    """The expert active at (0-based) step `step`."""
+    return (step // tau) % n_experts
+
+
+def switch_schedule(num_steps: int, n_experts: int, tau: int) -> list[int]:
+    """The active expert of every step: ``[0]*τ + [1]*τ + … `` cycling over `n_experts`."""
+    if n_experts < 1 or tau < 1 or num_steps < 0:
+        raise ConfigError(f"switch schedule needs n_experts ≥ 1 and tau ≥ 1 (got n_experts={n_experts}, tau={tau})")
+    return [active_expert(i, n_experts, tau) for i in range(num_steps)]
+
+
+def step_end_callback(schedule: list[int], activate: Callable[[int], None]):
+    """A diffusers ``callback_on_step_end`` that makes step i use ``schedule[i]`` (call ``activate(schedule[0])``
+    before the pipeline): at the end of step i it activates the expert of step i+1."""
+
+    def callback(pipe, step: int, timestep, callback_kwargs: dict) -> dict:
+        if step + 1 < len(schedule) and schedule[step + 1] != schedule[step]:
+            activate(schedule[step + 1])
+        return {}
+
+    return callback
+
+
+class SwitchHooks:
+    """Sampling hooks (see `bench.diffusion.SamplingHooks`): expert ``(step // τ) mod N`` alone at each step."""
+
+    def __init__(self, mix, tau: int, scale: float) -> None:
+        self.mix, self.tau, self.scale = mix, tau, scale
+
+    def embed(self, model, prompts: list[str], negative: list[str], guidance: bool) -> list[torch.Tensor]:
+        return model.expert_embeddings(self.mix, prompts, negative, guidance, self.scale)
+
+    def noise(self, model, latents: torch.Tensor, t: torch.Tensor, step: int, embeds: list[Any]) -> torch.Tensor:
+        expert = active_expert(step, self.mix.n, self.tau)
+        self.mix.only(expert, self.scale)
+        return model.unet_noise(latents, t, embeds[expert])
+
+
+@register_method("lora_switch")
+class LoraSwitch(Method):
+    domains = ("vl",)
+
+    def check_config(self) -> None:
+        if int(self.cfg.get("tau", 5)) < 1:
+            raise ConfigError(f"method.tau={self.cfg.tau}: must be ≥ 1 denoising step")
+
+    def compose(self, ctx: FitContext) -> Iterator[Composed]:
+        if getattr(ctx.model, "domain", "nlp") != "vl":
+            raise ConfigError("lora_switch is implemented for diffusion models only (the text form is not yet here)")
+        tau, scale = int(self.cfg.get("tau", 5)), float(self.cfg.get("lora_scale", 0.8))
+        with ctx.model.experts_applied(ctx.pool) as mix:
+            report = FitReport(info={"tau": tau, "lora_scale": scale, "order": ctx.pool.names})
+            yield Composed(HookedModel(ctx.model, SwitchHooks(mix, tau, scale)), report)

@@ -1,0 +1,55 @@
+"""The leaderboard from a fixed set of records equals a hand-computed table."""
+
+import json
+import math
+
+import pandas as pd
+import pytest
+
+from bench.leaderboard import build, load_rows, write
+
+
+def record(path, key, method, seed, values, variant="", status="ok", finished="2026-01-01T00:00:00"):
+    rows = []
+    for subtask, value in values.items():
+        rows.append({"variant": variant, "subtask": subtask, "metric": "exact_match", "value": value, "n": 10,
+                     "unit": subtask, "fit_examples": 5, "fit_steps": 2, "fit_seconds": 1.0, "eval_seconds": 2.0,
+                     "trained_params": 7, "fit_info": {}})
+    rows.append({**rows[0], "subtask": "all", "value": sum(values.values()) / len(values), "n": 10 * len(values)})
+    path.mkdir(parents=True)
+    (path / "record.json").write_text(json.dumps({
+        "job_key": key, "status": status, "profile": "p", "domain": "nlp", "task": "t", "method": method,
+        "seed": seed, "meaningful": True, "rows": rows, "peak_memory_mb": 100.0, "finished_at": finished}))
+
+
+@pytest.fixture
+def runs(tmp_path):
+    r = tmp_path / "runs"
+    record(r / "1", "k1", "single", 0, {"a": 0.5, "b": 0.7}, variant="expert=x")
+    record(r / "2", "k2", "single", 0, {"a": 0.2, "b": 0.2}, variant="expert=y")
+    record(r / "3", "k3", "linear", 0, {"a": 0.4, "b": 0.6})
+    record(r / "4", "k4", "linear", 1, {"a": 0.6, "b": 0.8})
+    record(r / "5", "k4", "linear", 1, {"a": 0.0, "b": 0.0}, finished="2025-01-01T00:00:00")  # older duplicate
+    record(r / "6", "k5", "linear", 2, {"a": 1.0, "b": 1.0}, status="failed")  # failed: ignored
+    return r
+
+
+def test_leaderboard_by_hand(runs, tmp_path):
+    overall, per_subtask = build(load_rows(runs))
+    linear = overall[overall.method == "linear"].iloc[0]
+    # seed 0: macro 0.5; seed 1: macro 0.7 (the newer record of k4) -> mean 0.6, sample std 0.1414
+    assert linear["mean"] == pytest.approx(0.6) and linear["std"] == pytest.approx(math.sqrt(0.02))
+    assert linear["n_seeds"] == 2 and linear["n_examples"] == 20
+    best_single = 0.6  # expert=x macro (0.5 + 0.7) / 2
+    assert linear["best_single"] == pytest.approx(best_single)
+    assert linear["normalized"] == pytest.approx(0.6 / best_single)
+    assert linear["fit_seconds"] == 1.0 and linear["trained_params"] == 7
+    single_y = overall[(overall.method == "single") & (overall.variant == "expert=y")].iloc[0]
+    assert single_y["normalized"] == pytest.approx(0.2 / 0.6) and single_y["std"] == 0.0
+    a = per_subtask[(per_subtask.method == "linear") & (per_subtask.subtask == "a")].iloc[0]
+    assert a["mean"] == pytest.approx(0.5) and a["normalized"] == pytest.approx(0.5 / 0.5)
+    write(runs, tmp_path / "out", plots=True)
+    csv = pd.read_csv(tmp_path / "out" / "leaderboard.csv")
+    assert len(csv) == 3 and not csv.duplicated(["profile", "task", "method", "variant", "metric"]).any()
+    assert (tmp_path / "out" / "leaderboard.md").read_text().count("| t ") == 3
+    assert sorted(p.name for p in (tmp_path / "out" / "plots").iterdir()) == ["p_t_exact_match.png", "p_t_exact_match_cost.png"]
