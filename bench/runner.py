@@ -93,7 +93,9 @@ def execute(cfg: DictConfig, method: Method, task: Task, output_dir: Path) -> di
     rows, predictions = [], []
     for unit in task.fit_units():
         fit = task.fit_examples(int(cfg.fit_examples), int(cfg.seed), unit) if cfg.fit_examples else []
-        ctx = FitContext(model=model, pool=pool, fit_examples=fit, seed=int(cfg.seed), prompt=task.prompt,
+        # tasks whose units compose their own experts (a DreamBooth composition set) name them
+        unit_pool = pool.subset(task.unit_experts(unit)) if hasattr(task, "unit_experts") else pool
+        ctx = FitContext(model=model, pool=unit_pool, fit_examples=fit, seed=int(cfg.seed), prompt=task.prompt,
                          score=lambda composed, examples: task.score_examples(composed, examples)[0],
                          unit="+".join(unit))
         for composed in method.compose(ctx):
@@ -110,7 +112,7 @@ def execute(cfg: DictConfig, method: Method, task: Task, output_dir: Path) -> di
     rows.extend(macro_rows(rows))
     _write_predictions(output_dir, predictions)
     return {
-        "rows": rows, "experts": pool.names, "n_experts": len(pool), "device": str(device),
+        "rows": rows, "experts": pool.names, "task_info": task.record_info() if hasattr(task, "record_info") else {}, "n_experts": len(pool), "device": str(device),
         "load_seconds": load_timer.seconds, "peak_memory_mb": _peak_memory_mb(device),
     }
 

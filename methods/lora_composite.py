@@ -39,15 +39,18 @@ class CompositeHooks:
 
 @register_method("lora_composite")
 class LoraComposite(Method):
-    domains = ("vl",)
+    domains = ("nlp", "vl")
 
     def check_config(self) -> None:
         if self.cfg.get("form", "batched") not in FORMS:
             raise ConfigError(f"method.form={self.cfg.form!r}; choose one of {FORMS}")
 
     def compose(self, ctx: FitContext) -> Iterator[Composed]:
-        if getattr(ctx.model, "domain", "nlp") != "vl":
-            raise ConfigError("lora_composite is implemented for diffusion models only (the text form is not yet here)")
+        if getattr(ctx.model, "domain", "nlp") != "vl":  # language models: the decoding-time text form
+            from methods.text_decoding import text_composite_compose
+
+            yield from text_composite_compose(ctx, self.cfg)
+            return
         form, scale = self.cfg.get("form", "batched"), float(self.cfg.get("lora_scale", 0.8))
         forms = ["batched", "serial"] if form == "both" else [form]
         with ctx.model.experts_applied(ctx.pool) as mix:

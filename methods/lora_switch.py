@@ -64,15 +64,18 @@ class SwitchHooks:
 
 @register_method("lora_switch")
 class LoraSwitch(Method):
-    domains = ("vl",)
+    domains = ("nlp", "vl")
 
     def check_config(self) -> None:
         if int(self.cfg.get("tau", 5)) < 1:
             raise ConfigError(f"method.tau={self.cfg.tau}: must be ≥ 1 denoising step")
 
     def compose(self, ctx: FitContext) -> Iterator[Composed]:
-        if getattr(ctx.model, "domain", "nlp") != "vl":
-            raise ConfigError("lora_switch is implemented for diffusion models only (the text form is not yet here)")
+        if getattr(ctx.model, "domain", "nlp") != "vl":  # language models: the decoding-time text form
+            from methods.text_decoding import text_switch_compose
+
+            yield from text_switch_compose(ctx, self.cfg)
+            return
         tau, scale = int(self.cfg.get("tau", 5)), float(self.cfg.get("lora_scale", 0.8))
         with ctx.model.experts_applied(ctx.pool) as mix:
             report = FitReport(info={"tau": tau, "lora_scale": scale, "order": ctx.pool.names})

@@ -14,6 +14,8 @@ from methods.base import Composed, FitContext, FitReport, Method, Timer
 
 @register_method("oracle")
 class OracleExpert(Method):
+    domains = ("nlp", "vl")
+
     def compose(self, ctx: FitContext) -> Iterator[Composed]:
         fit_scores = {}
         with Timer() as timer:

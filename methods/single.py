@@ -10,6 +10,8 @@ from methods.base import Composed, FitContext, FitReport, Method
 
 @register_method("single")
 class SingleExpert(Method):
+    domains = ("nlp", "vl")
+
     def compose(self, ctx: FitContext) -> Iterator[Composed]:
         for adapter in ctx.pool:
             with ctx.model.adapter_applied(adapter):

@@ -92,3 +92,20 @@ def test_interrupted_sweep_resumes_without_duplicates(tmp_path):
     rows = load_rows(runs)
     overall = rows[rows.subtask == "all"]
     assert len(overall) == 4 and not overall.duplicated(["method", "seed", "variant", "metric"]).any()
+
+
+NLP_METHODS = ["base", "single", "oracle", "linear", "ties", "dare", "magnitude_prune", "svd", "lora_lego", "lorahub",
+               "mole", "lora_flow", "moa", "retriever", "lora_switch", "lora_composite"]
+
+
+def test_every_nlp_method_end_to_end_into_the_leaderboard(tmp_path):
+    from bench.leaderboard import build
+
+    runs = tmp_path / "runs"
+    bench("-m", "task=algorithmic", f"method={','.join(NLP_METHODS)}", "fit_examples=2", runs=runs,
+          check=False)
+    done = {r["method"]: r["status"] for r in records(runs)}
+    assert done == {m: "ok" for m in NLP_METHODS}, done
+    overall, _ = build(load_rows(runs))
+    assert set(overall["method"]) == set(NLP_METHODS)
+    assert len(overall[overall.method == "single"]) == 5  # one row per expert
