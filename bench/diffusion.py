@@ -35,6 +35,7 @@ from tqdm.auto import tqdm
 
 from bench.adapters import LoraAdapter, LoraModule
 from bench.errors import AdapterError, ConfigError
+from bench.lm import folded
 from bench.pool import ExpertPool
 
 SOURCES = ("hub", "local", "tiny")
@@ -438,22 +439,8 @@ class DiffusionModel:
     @contextlib.contextmanager
     def deltas_folded(self, deltas: dict[str, torch.Tensor]) -> Iterator["DiffusionModel"]:
         """Run the block with ``W += ΔW`` for each named linear layer; original weights restored bit-exactly."""
-        modules = dict(self.components.named_modules())
-        missing = sorted(set(deltas) - set(modules))
-        if missing:
-            raise AdapterError(f"cannot fold deltas into modules this model does not have: {missing[:3]}")
-        saved = {}
-        try:
-            with torch.no_grad():
-                for name, delta in deltas.items():
-                    weight = modules[name].weight
-                    saved[name] = weight.detach().clone()
-                    weight.add_(delta.to(weight.device, weight.dtype))
+        with folded(self.components, deltas):
             yield self
-        finally:
-            with torch.no_grad():
-                for name, original in saved.items():
-                    modules[name].weight.copy_(original)
 
     @contextlib.contextmanager
     def experts_applied(self, pool: ExpertPool) -> Iterator[ExpertMix]:

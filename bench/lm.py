@@ -163,19 +163,32 @@ class LanguageModel:
     @contextlib.contextmanager
     def deltas_folded(self, deltas: dict[str, torch.Tensor]) -> Iterator["LanguageModel"]:
         """Run the block with ``W += ΔW`` for each named linear layer; original weights restored bit-exactly."""
-        modules = dict(self.model.named_modules())
-        saved = {}
-        try:
-            with torch.no_grad():
-                for name, delta in deltas.items():
-                    weight = modules[name].weight
-                    saved[name] = weight.detach().clone()
-                    weight.add_(delta.to(weight.device, weight.dtype))
+        with folded(self.model, deltas):
             yield self
-        finally:
-            with torch.no_grad():
-                for name, original in saved.items():
-                    modules[name].weight.copy_(original)
+
+
+@contextlib.contextmanager
+def folded(root: torch.nn.Module, deltas: dict[str, torch.Tensor]) -> Iterator[None]:
+    """``W += ΔW`` for each module path of `root` named in `deltas`, undone bit-exactly on exit (the original
+    weights are kept, never recomputed by subtraction)."""
+    from bench.errors import AdapterError
+
+    modules = dict(root.named_modules())
+    missing = sorted(set(deltas) - set(modules))
+    if missing:
+        raise AdapterError(f"cannot fold deltas into modules this model does not have: {missing[:3]}")
+    saved = {}
+    try:
+        with torch.no_grad():
+            for name, delta in deltas.items():
+                weight = modules[name].weight
+                saved[name] = weight.detach().clone()
+                weight.add_(delta.to(weight.device, weight.dtype))
+        yield
+    finally:
+        with torch.no_grad():
+            for name, original in saved.items():
+                modules[name].weight.copy_(original)
 
 
 def _pad(rows: list[list[int]], value: int, side: str) -> torch.Tensor:

@@ -153,15 +153,9 @@ def test_composite_with_one_expert_equals_the_stock_pipeline_with_that_lora(tmp_
         assert torch.allclose(image, ref, atol=1e-10, rtol=0)
 
 
-def test_composite_rejects_unknown_form_and_language_models():
+def test_composite_rejects_unknown_form():
     with pytest.raises(ConfigError, match="form"):
         LoraComposite(OmegaConf.create({"form": "parallel"}))
-
-    class TextModel:
-        domain = "nlp"
-
-    with pytest.raises(ConfigError, match="diffusion"):
-        next(LoraComposite(OmegaConf.create({})).compose(ctx_for(TextModel(), None)))
 
 
 # ----------------------------------------------------------------------------- linear on the diffusion model
