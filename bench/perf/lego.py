@@ -21,8 +21,8 @@ import argparse
 
 import torch
 
-from bench.perf.common import copy_bandwidth, pick_device, time_fn, write_results
-from bench.perf.merge import DTYPES, FULL, QUICK, stack_shapes, synthetic_pool
+from bench.perf.common import copy_bandwidth, time_fn, write_results
+from bench.perf.merge import DTYPES, stack_settings, stack_shapes, synthetic_pool
 from methods.lora_lego import lego_cluster, lego_merge, unit_groups
 
 GOAL_S = 0.050
@@ -45,12 +45,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse(argv)
-    device = pick_device(args.device)
-    gpu = device.type == "cuda"
-    preset = QUICK if args.quick or not gpu else FULL
-    layers, d, ffn = args.layers or preset["layers"], args.d or preset["d"], args.ffn or preset["ffn"]
-    ns = [int(x) for x in args.n.split(",")] if args.n else preset["n"]
-    dtype = DTYPES[args.dtype or ("bf16" if gpu else "fp32")]
+    device, gpu, layers, d, ffn, ns, dtype = stack_settings(args)
     k = args.k or args.rank
     shapes = stack_shapes(layers, d, ffn)
     copy_bps = copy_bandwidth(device)

@@ -163,14 +163,20 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def main(argv: list[str] | None = None) -> None:
-    args = parse(argv)
+def stack_settings(args: argparse.Namespace) -> tuple:
+    """(device, on_gpu, layers, d, ffn, expert counts, dtype): the full 7B-like stack on a GPU, the quick one
+    otherwise or with --quick; explicit arguments win."""
     device = pick_device(args.device)
     gpu = device.type == "cuda"
     preset = QUICK if args.quick or not gpu else FULL
     layers, d, ffn = args.layers or preset["layers"], args.d or preset["d"], args.ffn or preset["ffn"]
     ns = [int(x) for x in args.n.split(",")] if args.n else preset["n"]
-    dtype = DTYPES[args.dtype or ("bf16" if gpu else "fp32")]
+    return device, gpu, layers, d, ffn, ns, DTYPES[args.dtype or ("bf16" if gpu else "fp32")]
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse(argv)
+    device, gpu, layers, d, ffn, ns, dtype = stack_settings(args)
     ops = [o for o in args.ops.split(",") if o]
     unknown = set(ops) - set(OPS)
     if unknown:
