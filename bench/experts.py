@@ -61,16 +61,25 @@ def expert_names(cfg: DictConfig) -> list[str]:
     return [str(s) for s in cfg.train.subtasks]
 
 
-def pool_problem(cfg: DictConfig, lm: LanguageModel) -> str | None:
-    """Why a trained pool's cache cannot be used (None when it is complete and current)."""
+def manifest_problem(cfg: DictConfig, base: torch.nn.Module) -> str | None:
+    """Why the manifest in ``cfg.dir`` does not vouch for a pool of `base` trained with ``cfg.train`` (None: it does).
+    Shared by LM and diffusion pools; each then checks its own expert files."""
     path = Path(cfg.dir) / MANIFEST
     if not path.is_file():
         return "not trained yet (no manifest.json)"
     manifest = json.loads(path.read_text())
-    if manifest.get("base_fingerprint") != fingerprint(lm.base_model):
+    if manifest.get("base_fingerprint") != fingerprint(base):
         return "trained on other base-model weights (fingerprint differs)"
     if manifest.get("train") != OmegaConf.to_container(cfg.train, resolve=True):
         return "trained with another training config"
+    return None
+
+
+def pool_problem(cfg: DictConfig, lm: LanguageModel) -> str | None:
+    """Why a trained pool's cache cannot be used (None when it is complete and current)."""
+    problem = manifest_problem(cfg, lm.base_model)
+    if problem:
+        return problem
     missing = [n for n in expert_names(cfg) if not (Path(cfg.dir) / n / "adapter_config.json").is_file()]
     return f"experts missing: {missing}" if missing else None
 

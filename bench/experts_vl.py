@@ -46,17 +46,12 @@ def subject_names(experts_cfg, data) -> list[str]:
 
 def pool_problem(experts_cfg, model, data) -> str | None:
     """Why the trained pool in ``experts.dir`` cannot be used as is (None when it is complete and current)."""
-    from bench.models import fingerprint
+    from bench.experts import manifest_problem
 
+    problem = manifest_problem(experts_cfg, model.components)
+    if problem:
+        return problem
     folder = Path(experts_cfg.dir)
-    path = folder / MANIFEST
-    if not path.is_file():
-        return "not trained yet (no manifest.json)"
-    manifest = json.loads(path.read_text())
-    if manifest.get("base_fingerprint") != fingerprint(model.components):
-        return "trained on other base-model weights (fingerprint differs)"
-    if manifest.get("train") != OmegaConf.to_container(experts_cfg.train, resolve=True):
-        return "trained with another training config"
     missing = [s for s in subject_names(experts_cfg, data) if not (folder / s / WEIGHTS_NAME).is_file()]
     return f"subjects missing: {missing}" if missing else None
 
