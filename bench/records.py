@@ -27,14 +27,16 @@ VOLATILE_KEYS = ("hydra", "paths", "force", "wandb", "device", "save_composed", 
 LIBRARIES = ("torch", "transformers", "peft", "diffusers", "open_clip_torch", "nevergrad", "lm-eval", "hydra-core")
 
 
-def job_config(cfg: DictConfig) -> dict:
-    """The resolved config that defines a job's result."""
+def job_config(cfg: DictConfig, seeded: bool = True) -> dict:
+    """The resolved config that defines a job's result (without the seed when `seeded` is False: a job
+    whose result no seed can change)."""
     data = OmegaConf.to_container(cfg, resolve=True)
-    return {k: v for k, v in data.items() if k not in VOLATILE_KEYS}
+    volatile = VOLATILE_KEYS if seeded else (*VOLATILE_KEYS, "seed")
+    return {k: v for k, v in data.items() if k not in volatile}
 
 
-def job_key(cfg: DictConfig) -> str:
-    canonical = json.dumps(job_config(cfg), sort_keys=True, default=str)
+def job_key(cfg: DictConfig, seeded: bool = True) -> str:
+    canonical = json.dumps(job_config(cfg, seeded), sort_keys=True, default=str)
     return hashlib.sha256(canonical.encode()).hexdigest()[:16]
 
 

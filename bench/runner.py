@@ -43,6 +43,13 @@ def prepare(cfg: DictConfig) -> tuple[Method, Task]:
     return method, task
 
 
+def identity(cfg: DictConfig, method: Method) -> str:
+    """The job's key: without the seed when no seed can change the result (a method that does not use it,
+    on the whole pool; a sampled pool, ``experts.n``, depends on the seed), so a sweep over seeds runs such
+    a job once and skips it for the other seeds."""
+    return job_key(cfg, seeded=method.uses_seed() or cfg.experts.get("n") is not None)
+
+
 def run(cfg: DictConfig, output_dir: str | Path, record_input_errors: bool = False) -> dict:
     """Run (or skip) the job `cfg`; return its record.
 
@@ -51,7 +58,7 @@ def run(cfg: DictConfig, output_dir: str | Path, record_input_errors: bool = Fal
     so the sweep summary and the next re-run see it). Any other failure always writes a failed record.
     """
     method, task = prepare(cfg)
-    key = job_key(cfg)
+    key = identity(cfg, method)
     runs_dir = Path(cfg.paths.runs_dir)
     if not cfg.get("force", False):
         done = find_record(runs_dir, key)

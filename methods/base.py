@@ -75,6 +75,12 @@ class Method(ABC):
     def check_config(self) -> None:
         """Raise `ConfigError` for invalid hyperparameters (called at construction, before any work)."""
 
+    def uses_seed(self) -> bool:
+        """Whether the run seed can change this method's result (fit examples, sampling, random masks).
+        A method that returns False is one job for every seed: its key leaves the seed out, so a sweep over
+        seeds runs it once (task evaluation never depends on the run seed)."""
+        return True
+
     def params(self) -> dict:
         """Hyperparameters recorded with every result."""
         return OmegaConf.to_container(self.cfg, resolve=True) if self.cfg is not None else {}

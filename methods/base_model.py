@@ -12,5 +12,8 @@ from methods.base import Composed, FitContext, FitReport, Method
 class BaseModel(Method):
     domains = ("nlp", "vl")
 
+    def uses_seed(self) -> bool:
+        return False  # no fit examples, no sampling, no random draws
+
     def compose(self, ctx: FitContext) -> Iterator[Composed]:
         yield Composed(ctx.model, FitReport())

@@ -124,6 +124,9 @@ COMBINATIONS = ("exact", "peft_compat")
 class LinearArithmetic(Method):
     domains = ("nlp", "vl")
 
+    def uses_seed(self) -> bool:
+        return False  # no fit examples, no sampling, no random draws
+
     def check_config(self) -> None:
         rank = self.cfg.get("rank")
         if rank is not None and int(rank) < 1:

@@ -6,8 +6,8 @@ sent to. The steps are peft's `peft.utils.merge_utils` (`magnitude_based_pruning
 `calculate_majority_sign_mask`, `disjoint_merge`, `task_arithmetic`) written on the stacked tensor, so
 each step is one tensor op for all experts:
 
-- trim: per expert, keep the magnitudes at least the ``int(density · numel)``-th largest (its value from
-  `torch.topk` on each row of the stacked tensor): peft's top-k set, except that entries tying at the
+- trim: per expert, keep the magnitudes at least the ``int(density · numel)``-th largest (its value by a
+  radix select on the bit patterns, `kth_largest`): peft's top-k set, except that entries tying at the
   threshold are all kept where topk keeps an arbitrary subset;
 - drop (DARE): per expert, a Bernoulli(density) mask drawn with ``torch.bernoulli(full_like(Δ_i, density))``
   from a generator seeded per module (`module_seed`), in expert order: exactly the draws peft's
@@ -111,27 +111,57 @@ def _per_expert(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return t.view((-1,) + (1,) * (like.dim() - 1))
 
 
+def kth_largest(magnitudes: torch.Tensor, k: int) -> torch.Tensor:
+    """Per row of `magnitudes` (N, M), non-negative, its exact k-th largest value (1 ≤ k ≤ M), shape (N,).
+
+    Radix select on the bit patterns (non-negative IEEE floats order like their bits read as integers),
+    16 bits per level: a histogram (`torch.bincount`) of the top 16 bits finds the bucket holding the k-th
+    largest, the next level histograms the next 16 bits of that bucket's members only, and so on; one level
+    for 16-bit floats, two for float32, four for float64. Each level reads the row once (the later levels
+    only the survivors), where `torch.topk` makes several radix passes and writes k values and indices."""
+    if not 1 <= k <= magnitudes.shape[1]:
+        raise ValueError(f"k={k} outside [1, {magnitudes.shape[1]}]")
+    int_dtype = {2: torch.int16, 4: torch.int32, 8: torch.int64}[magnitudes.element_size()]
+    width = 8 * magnitudes.element_size()
+    bits = magnitudes.contiguous().view(int_dtype)
+    found = []
+    for row in bits:
+        prefix, remaining, members = 0, k, row
+        for shift in range(width - 16, -1, -16):
+            digits = members if width == 16 else (members >> shift) & 0xFFFF
+            above = torch.bincount(digits, minlength=1 << 16).flip(0).cumsum(0).flip(0)  # above[d]: digits ≥ d
+            digit = int((above >= remaining).sum()) - 1
+            remaining -= int(above[digit + 1]) if digit + 1 < 1 << 16 else 0
+            prefix = (prefix << 16) | digit
+            if shift:
+                members = members[(members >> shift) == prefix]
+        found.append(prefix)
+    return torch.tensor(found, dtype=torch.int64).to(int_dtype).view(magnitudes.dtype).to(magnitudes.device)
+
+
 def trim_thresholds(stacked: torch.Tensor, density: float, magnitudes: torch.Tensor | None = None) -> torch.Tensor:
-    """Per expert, the ``k = int(density · numel)``-th largest magnitude (+inf when k = 0), shaped to
-    broadcast against `stacked`: keeping ``|x| ≥ τ`` keeps exactly the entries `torch.topk` keeps (peft's
-    `magnitude_based_pruning`) unless magnitudes tie at τ, where all tied entries are kept (topk would
-    keep an arbitrary, device-dependent subset of them)."""
+    """Per expert, the ``k = int(density · numel)``-th largest magnitude (+inf when k = 0; `kth_largest`),
+    shaped to broadcast against `stacked`: keeping ``|x| ≥ τ`` keeps exactly the entries `torch.topk` keeps
+    (peft's `magnitude_based_pruning`) unless magnitudes tie at τ, where all tied entries are kept (topk
+    would keep an arbitrary, device-dependent subset of them)."""
     a = (stacked.abs() if magnitudes is None else magnitudes).reshape(stacked.shape[0], -1)
     k = int(density * a.shape[1])
     if k == 0:
         tau = torch.full((a.shape[0],), float("inf"), dtype=a.dtype, device=a.device)
     else:
-        tau = a.topk(k, dim=1, sorted=False).values.amin(1)
+        tau = kth_largest(a, k)
     return _per_expert(tau, stacked)
 
 
 def dare_masks(stacked: torch.Tensor, density: float, generator: torch.Generator | None) -> torch.Tensor:
-    """DARE's keep-masks (N, …), one ``torch.bernoulli(full_like(Δ_i, density))`` draw per expert in order.
+    """DARE's keep-masks (N, …) as booleans, one ``torch.bernoulli(full_like(Δ_i, density))`` draw per expert
+    in order.
 
     One draw per expert, as peft's `random_pruning` makes, keeps the random stream identical to peft's on
-    every device (a single stacked draw would match on CPU only)."""
+    every device (a single stacked draw would match on CPU only). The draws do not depend on the output
+    dtype, so the masks are written as bool: a quarter of the bytes of float32 masks."""
     p = torch.full_like(stacked[0], density)
-    mask = torch.empty_like(stacked)
+    mask = torch.empty(stacked.shape, dtype=torch.bool, device=stacked.device)
     for i in range(stacked.shape[0]):
         torch.bernoulli(p, generator=generator, out=mask[i])
     return mask
@@ -282,6 +312,9 @@ class DenseMergeMethod(Method):
 
     def merge_kind(self) -> str:
         return self.kind
+
+    def uses_seed(self) -> bool:
+        return self.merge_kind().startswith("dare")  # only DARE draws (seeded) random masks
 
     def check_config(self) -> None:
         check_density(self.cfg.get("density", 1.0))

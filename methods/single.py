@@ -12,6 +12,9 @@ from methods.base import Composed, FitContext, FitReport, Method
 class SingleExpert(Method):
     domains = ("nlp", "vl")
 
+    def uses_seed(self) -> bool:
+        return False  # no fit examples, no sampling, no random draws
+
     def compose(self, ctx: FitContext) -> Iterator[Composed]:
         for adapter in ctx.pool:
             with ctx.model.adapter_applied(adapter):

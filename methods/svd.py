@@ -26,6 +26,9 @@ def svd_merge(adapters: Sequence[LoraAdapter], weights: Sequence[float], rank: i
 class SvdMerge(Method):
     domains = ("nlp", "vl")
 
+    def uses_seed(self) -> bool:
+        return False  # no fit examples, no sampling, no random draws
+
     def check_config(self) -> None:
         check_rank(self.cfg.get("rank"))
 

@@ -63,3 +63,18 @@ def test_yaml_composes_and_instantiates(rel):
     elif group == "profile":
         assert cfg.profile.name == rel.stem
         check_model_config(cfg.model)
+
+
+@pytest.mark.parametrize("method,seeded", [("base", False), ("single", False), ("linear", False), ("ties", False),
+                                           ("magnitude_prune", False), ("svd", False), ("dare", True),
+                                           ("lorahub", True), ("mole", True), ("oracle", True), ("lora_lego", True)])
+def test_a_job_no_seed_can_change_has_one_key_for_every_seed(method, seeded):
+    from bench.runner import identity
+
+    def key(*extra):
+        cfg = compose_with([f"method={method}", "task=algorithmic", "profile=smoke", *extra])
+        return identity(cfg, get_method(method)(cfg.method))
+
+    assert (key("seed=0") != key("seed=1")) is seeded
+    assert key("seed=0", "experts.n=3") != key("seed=1", "experts.n=3")  # a sampled pool depends on the seed
+    assert key("seed=0") != key("seed=0", "task.limit=3")  # anything else still counts

@@ -46,6 +46,25 @@ def time_fn(fn: Callable[[], object], device: torch.device, warmup: int = 3, rep
     return {"median_s": statistics.median(times), "min_s": min(times), "times_s": times}
 
 
+def time_graph(fn: Callable[[], object], device: torch.device, calls: int = 20, warmup: int = 3,
+               repeat: int = 20) -> dict:
+    """Per-call device time of `fn` from replays of a CUDA graph holding `calls` back-to-back calls: the
+    GPU time of its kernels and their gaps, without host launch overhead (what a model forward that keeps
+    the GPU busy, or a graph-captured decode step, pays). Same keys as `time_fn`."""
+    stream = torch.cuda.Stream(device)
+    stream.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(stream):  # warm-up off the default stream, as graph capture requires
+        for _ in range(warmup):
+            fn()
+    torch.cuda.current_stream(device).wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(calls):
+            fn()
+    t = time_fn(graph.replay, device, warmup=warmup, repeat=repeat)
+    return {k: ([v / calls for v in t[k]] if isinstance(t[k], list) else t[k] / calls) for k in t}
+
+
 def copy_bandwidth(device: torch.device, nbytes: int = 1 << 30) -> float:
     """Device-to-device copy bandwidth in bytes/s, counting bytes read plus bytes written."""
     if device.type == "cpu":

@@ -24,6 +24,10 @@ Bernoulli draws as `torch.compile`d kernels), checked against the eager path on 
 first (the error lands in the metadata); at N = 8 the eager path is timed too. Without a working
 compiler they fall back to eager and the metadata says why.
 
+``--stages`` times instead each step of the dense merges on the stack's largest module (d_out × d_in = ffn × d)
+at the largest N, next to the alternatives they replaced, with the time each step would take over the whole
+stack (× the stack's elements over the module's): where the merge time goes (`results/perf/merge_stages-*`).
+
 Times are medians (and minima) over repeats after warm-up (`common.time_fn`); GB/s = counted bytes /
 median time; ratio = GB/s ÷ the copy bandwidth measured in the same run. Goals are GPU goals: on CPU
 they are reported as n/a.
@@ -39,7 +43,8 @@ import torch
 from bench.adapters import LoraAdapter, LoraModule
 from bench.perf.common import copy_bandwidth, pick_device, time_fn, write_results
 from methods.linear import concat_merge
-from methods.merge_ops import fold_lora_, merge_module, module_generator
+from methods.merge_ops import (dare_masks, expert_deltas, fold_lora_, fused_tail, merge_module, module_generator,
+                               stack_factors, trim_thresholds)
 from methods.svd import svd_merge
 
 FULL = dict(layers=32, d=4096, ffn=11008, n=[2, 8, 32])
@@ -160,6 +165,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--fused", choices=["auto", "on", "off"], default="auto",
                    help="dense merges through the compiled tail (auto: on a GPU); eager rows at N=8 for comparison")
     p.add_argument("--quick", action="store_true", help="small shapes (the default without a GPU)")
+    p.add_argument("--stages", action="store_true", help="time each step of the dense merges on the largest module")
     return p.parse_args(argv)
 
 
@@ -174,9 +180,50 @@ def stack_settings(args: argparse.Namespace) -> tuple:
     return device, gpu, layers, d, ffn, ns, DTYPES[args.dtype or ("bf16" if gpu else "fp32")]
 
 
+def stage_rows(pool: list[LoraAdapter], weights: dict[str, torch.Tensor], device: torch.device) -> list[dict]:
+    """Each step of the dense merges on the largest module, timed alone (see the module docstring)."""
+    module = max(weights, key=lambda name: weights[name].numel())
+    W = weights[module]
+    scale = sum(w.numel() for w in weights.values()) / W.numel()
+    n = len(pool)
+    A, B = stack_factors(pool, module, W.dtype, device)
+    stacked = expert_deltas(A, B)
+    tau = trim_thresholds(stacked, 0.2)
+    mask = dare_masks(stacked, 0.5, module_generator(0, module, device))
+    ones = torch.ones(n, dtype=torch.float64, device=device)
+    topk_k = int(0.2 * stacked[0].numel())
+    steps = {
+        "stack factors": lambda: stack_factors(pool, module, W.dtype, device),
+        "deltas (bmm)": lambda: expert_deltas(A, B),
+        "threshold: radix select": lambda: trim_thresholds(stacked, 0.2),
+        "threshold: topk (before)": lambda: stacked.abs().reshape(n, -1).topk(topk_k, dim=1, sorted=False).values.amin(1),
+        "dare masks: bool": lambda: dare_masks(stacked, 0.5, module_generator(0, module, device)),
+        "dare masks: bool -> float (≈ before)": lambda: dare_masks(stacked, 0.5, module_generator(0, module, device)).to(W.dtype),
+        "tail: ties (fused)": lambda: fused_tail(stacked, ones, tau, None, True, True),
+        "tail: dare_linear (fused)": lambda: fused_tail(stacked, ones / n, None, mask, False, True),
+        "tail: dare_ties (fused)": lambda: fused_tail(stacked, ones, None, mask, True, True),
+        "W += dW": lambda: W.add_(stacked[0]),
+        "copy of the deltas (reference)": lambda: stacked.clone(),
+    }
+    rows = []
+    for name, fn in steps.items():
+        t = time_fn(fn, device, warmup=2, repeat=5)
+        rows.append({"step": name, "module": f"{tuple(W.shape)} × N={n}", "median_ms": 1e3 * t["median_s"],
+                     "whole_stack_s": t["median_s"] * scale})
+        print(f"{name:32s} {1e3 * t['median_s']:9.2f} ms   whole stack ≈ {t['median_s'] * scale:7.3f} s", flush=True)
+    return rows
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse(argv)
     device, gpu, layers, d, ffn, ns, dtype = stack_settings(args)
+    if args.stages:
+        shapes = stack_shapes(layers, d, ffn)
+        weights = base_weights(shapes, dtype, device)
+        rows = stage_rows(synthetic_pool(max(ns), shapes, args.rank, dtype, device), weights, device)
+        write_results("merge_stages", rows, {"layers": layers, "d": d, "ffn": ffn, "rank": args.rank,
+                                             "dtype": str(dtype).removeprefix("torch."), "n": max(ns)}, device)
+        return
     ops = [o for o in args.ops.split(",") if o]
     unknown = set(ops) - set(OPS)
     if unknown:
