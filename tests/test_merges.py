@@ -110,6 +110,13 @@ def test_kth_largest_equals_topk_with_ties_and_zeros(dtype):
         kth_largest(a, 0)
 
 
+def test_kth_largest_is_exact_when_the_sample_misleads():
+    a = torch.rand(2, 4096, dtype=torch.float64)
+    a[:, ::512] = 0.0  # every sampled entry (stride 4096 // 8) is 0: the band [0, 0] cannot hold the answer
+    for k in (1, 100, 4000):
+        assert torch.equal(kth_largest(a, k, sample_size=8), a.topk(k, dim=1).values.amin(1))
+
+
 def test_stack_factors_pads_ranks_exactly():
     adapters = pool(3, ranks=[4, 2, 3])
     A, B = stack_factors(adapters, "layers.0.q")

@@ -195,7 +195,7 @@ def stage_rows(pool: list[LoraAdapter], weights: dict[str, torch.Tensor], device
     steps = {
         "stack factors": lambda: stack_factors(pool, module, W.dtype, device),
         "deltas (bmm)": lambda: expert_deltas(A, B),
-        "threshold: radix select": lambda: trim_thresholds(stacked, 0.2),
+        "threshold: band select (now)": lambda: trim_thresholds(stacked, 0.2),
         "threshold: topk (before)": lambda: stacked.abs().reshape(n, -1).topk(topk_k, dim=1, sorted=False).values.amin(1),
         "dare masks: bool": lambda: dare_masks(stacked, 0.5, module_generator(0, module, device)),
         "dare masks: bool -> float (≈ before)": lambda: dare_masks(stacked, 0.5, module_generator(0, module, device)).to(W.dtype),
