@@ -6,8 +6,8 @@ sent to. The steps are peft's `peft.utils.merge_utils` (`magnitude_based_pruning
 `calculate_majority_sign_mask`, `disjoint_merge`, `task_arithmetic`) written on the stacked tensor, so
 each step is one tensor op for all experts:
 
-- trim: per expert, keep the magnitudes at least the ``int(density · numel)``-th largest (its value by a
-  sample-and-band select, `kth_largest`, exact): peft's top-k set, except that entries tying at the
+- trim: per expert, keep the magnitudes at least the ``int(density · numel)``-th largest (its value from
+  `torch.topk` on each row of the stacked tensor): peft's top-k set, except that entries tying at the
   threshold are all kept where topk keeps an arbitrary subset;
 - drop (DARE): per expert, a Bernoulli(density) mask drawn with ``torch.bernoulli(full_like(Δ_i, density))``
   from a generator seeded per module (`module_seed`), in expert order: exactly the draws peft's
@@ -111,49 +111,18 @@ def _per_expert(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return t.view((-1,) + (1,) * (like.dim() - 1))
 
 
-def kth_largest(magnitudes: torch.Tensor, k: int, sample_size: int = 1 << 16) -> torch.Tensor:
-    """Per row of `magnitudes` (N, M), non-negative, its exact k-th largest value (1 ≤ k ≤ M), shape (N,).
-
-    Sample-and-band select: the k-th largest of an evenly strided sample of ~`sample_size` entries, with a
-    margin of several standard deviations of its rank either side, gives a band [lo, hi] that should hold
-    the answer; two counting passes check it (fewer than k entries above hi, at least k at or above lo),
-    and the answer is then the (k − #above hi)-th largest of the few entries inside the band. A row whose
-    band misses (a sample unlike its row) falls back to `torch.topk` on the whole row, so the result is
-    always exact. Two full reads of the row instead of topk's radix passes plus its k values and indices
-    written (on an H100 a radix select by `torch.bincount` histograms was 12× slower than topk: global
-    atomics on a few hot bins)."""
-    n, m = magnitudes.shape
-    if not 1 <= k <= m:
-        raise ValueError(f"k={k} outside [1, {m}]")
-    step = max(1, m // sample_size)
-    sample = magnitudes[:, ::step].sort(dim=1, descending=True).values  # (N, S), exact entries of each row
-    size = sample.shape[1]
-    expected, spread = k * size / m, 6.0 * (size * (k / m) * (1 - k / m)) ** 0.5 + 8
-    hi = sample[:, max(0, int(expected - spread) - 1)]
-    lo = sample[:, min(size - 1, int(expected + spread))]
-    above_hi = (magnitudes > hi[:, None]).sum(1).tolist()
-    from_lo = (magnitudes >= lo[:, None]).sum(1).tolist()
-    found = []
-    for i, row in enumerate(magnitudes):
-        if above_hi[i] < k <= from_lo[i]:
-            band = row[(row >= lo[i]) & (row <= hi[i])]
-            found.append(band.topk(k - above_hi[i]).values.min())
-        else:
-            found.append(row.topk(k).values.min())
-    return torch.stack(found)
-
-
 def trim_thresholds(stacked: torch.Tensor, density: float, magnitudes: torch.Tensor | None = None) -> torch.Tensor:
-    """Per expert, the ``k = int(density · numel)``-th largest magnitude (+inf when k = 0; `kth_largest`),
-    shaped to broadcast against `stacked`: keeping ``|x| ≥ τ`` keeps exactly the entries `torch.topk` keeps
-    (peft's `magnitude_based_pruning`) unless magnitudes tie at τ, where all tied entries are kept (topk
-    would keep an arbitrary, device-dependent subset of them)."""
+    """Per expert, the ``k = int(density · numel)``-th largest magnitude (+inf when k = 0), shaped to
+    broadcast against `stacked`: keeping ``|x| ≥ τ`` keeps exactly the entries `torch.topk` keeps (peft's
+    `magnitude_based_pruning`) unless magnitudes tie at τ, where all tied entries are kept (topk would
+    keep an arbitrary, device-dependent subset of them). `torch.topk` beat the exact alternatives tried on
+    an H100 (a bincount radix select 12× slower, a sample-and-band select 3.4×; results/perf/merge_stages-gpu.md)."""
     a = (stacked.abs() if magnitudes is None else magnitudes).reshape(stacked.shape[0], -1)
     k = int(density * a.shape[1])
     if k == 0:
         tau = torch.full((a.shape[0],), float("inf"), dtype=a.dtype, device=a.device)
     else:
-        tau = kth_largest(a, k)
+        tau = a.topk(k, dim=1, sorted=False).values.amin(1)
     return _per_expert(tau, stacked)
 
 

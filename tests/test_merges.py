@@ -26,7 +26,6 @@ from bench.registry import get_method
 from methods.base import FitContext
 from methods.linear import concat_merge, dense_deltas
 from methods.merge_ops import (
-    kth_largest,
     dense_to_lora, fold_lora_, merge_dense, merge_stacked, module_seed, stack_factors,
 )
 
@@ -94,27 +93,6 @@ def test_merge_dense_equals_peft_per_module(kind):
         deltas = [a.modules[module].delta() for a in adapters]
         torch.manual_seed(module_seed(7, module))
         close(ours, peft_reference(kind, deltas, weights, 0.4, "total"))
-
-
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64])
-def test_kth_largest_equals_topk_with_ties_and_zeros(dtype):
-    g = torch.Generator().manual_seed(5)
-    for trial in range(6):
-        a = torch.randn(3, 998, generator=g).to(dtype).abs()
-        if trial % 2:
-            a[:, ::2] = a[:, 1::2]  # every value twice: ties at any threshold
-        a[2, :600] = 0  # a row mostly zeros: k beyond its non-zeros selects 0
-        for k in (1, 2, 400, 700, 998):
-            assert torch.equal(kth_largest(a, k), a.topk(k, dim=1).values.amin(1)), (dtype, trial, k)
-    with pytest.raises(ValueError, match="k=0"):
-        kth_largest(a, 0)
-
-
-def test_kth_largest_is_exact_when_the_sample_misleads():
-    a = torch.rand(2, 4096, dtype=torch.float64)
-    a[:, ::512] = 0.0  # every sampled entry (stride 4096 // 8) is 0: the band [0, 0] cannot hold the answer
-    for k in (1, 100, 4000):
-        assert torch.equal(kth_largest(a, k, sample_size=8), a.topk(k, dim=1).values.amin(1))
 
 
 def test_stack_factors_pads_ranks_exactly():

@@ -191,12 +191,10 @@ def stage_rows(pool: list[LoraAdapter], weights: dict[str, torch.Tensor], device
     tau = trim_thresholds(stacked, 0.2)
     mask = dare_masks(stacked, 0.5, module_generator(0, module, device))
     ones = torch.ones(n, dtype=torch.float64, device=device)
-    topk_k = int(0.2 * stacked[0].numel())
     steps = {
         "stack factors": lambda: stack_factors(pool, module, W.dtype, device),
         "deltas (bmm)": lambda: expert_deltas(A, B),
-        "threshold: band select (now)": lambda: trim_thresholds(stacked, 0.2),
-        "threshold: topk (before)": lambda: stacked.abs().reshape(n, -1).topk(topk_k, dim=1, sorted=False).values.amin(1),
+        "threshold (topk)": lambda: trim_thresholds(stacked, 0.2),
         "dare masks: bool": lambda: dare_masks(stacked, 0.5, module_generator(0, module, device)),
         "dare masks: bool -> float (≈ before)": lambda: dare_masks(stacked, 0.5, module_generator(0, module, device)).to(W.dtype),
         "tail: ties (fused)": lambda: fused_tail(stacked, ones, tau, None, True, True),
