@@ -10,7 +10,7 @@ ARGS ?=
 PYTEST_ARGS ?=
 STAMP := $(VENV)/.installed
 
-.PHONY: install bench test experts sweep leaderboard report perf
+.PHONY: install bench test experts sweep leaderboard report perf crosscheck
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -43,3 +43,6 @@ perf: install  ## performance benchmarks (GPU when present); numbers into result
 
 report: install  ## print the leaderboard in the terminal
 	$(BIN)/python -m bench.report
+
+crosscheck: install  ## our BBH scorer vs lm-eval's BBH task on the same model and examples -> results/crosscheck/
+	$(BIN)/python -m bench.crosscheck $(ARGS)

@@ -2,9 +2,13 @@
 
 Outputs in `--out` (default `results/`):
 - `leaderboard.csv`: one row per profile × task × method × variant × metric (macro average over subtasks),
-  mean ± std over seeds, n_seeds, n_examples, cost columns, and the score normalized by the best single
-  expert of the same profile, task and metric;
-- `leaderboard_subtasks.csv`: the same per subtask;
+  mean ± std over seeds, n_seeds, n_examples, cost columns, the score normalized by the best single
+  expert of the same profile, task and metric (`normalized`), and for in-domain tasks, whose subtasks are
+  the experts' own tasks, the mean over subtasks of the score ÷ that subtask's own expert's score
+  (`normalized_own`, the MoLE / LoRA-LEGO convention: 1.0 = every expert's own quality kept; a subtask
+  whose own expert scores 0 cannot normalize and is left out of that mean);
+- `leaderboard_subtasks.csv`: the same per subtask (`own_expert`: the `single` score of the expert named
+  after the subtask);
 - `leaderboard.md`: a Markdown table per profile and domain; `plots/*.png`: a bar chart per task and a
   quality-vs-cost scatter.
 Only records with status ok count; when a job was run more than once, its newest record wins.
@@ -68,17 +72,34 @@ def normalize(table: pd.DataFrame, scope: list[str]) -> pd.DataFrame:
     return out
 
 
+def normalize_own(overall: pd.DataFrame, per_subtask: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """In-domain normalization: per subtask, mean ÷ the mean of ``single`` with ``expert=<subtask>``
+    (`own_expert`); per leaderboard row, the mean of those ratios when every subtask has its own expert."""
+    scope = ["profile", "task", "subtask", "metric"]
+    own = per_subtask[(per_subtask["method"] == "single") & (per_subtask["variant"] == "expert=" + per_subtask["subtask"])]
+    own = own.set_index(scope)["mean"].rename("own_expert")
+    per_subtask = per_subtask.merge(own, left_on=scope, right_index=True, how="left")
+    per_subtask["normalized_own"] = per_subtask["mean"] / per_subtask["own_expert"].where(per_subtask["own_expert"] > 0)
+    keys = ["profile", "domain", "task", "method", "variant", "metric"]
+    grouped = per_subtask.groupby(keys, dropna=False)
+    in_domain = grouped["own_expert"].agg(lambda own: own.notna().all())
+    ratio = grouped["normalized_own"].mean().where(in_domain).rename("normalized_own")
+    overall = overall.merge(ratio, left_on=keys, right_index=True, how="left")
+    return overall, per_subtask
+
+
 def build(rows: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
     """(leaderboard over the macro "all" rows, per-subtask leaderboard)."""
     overall = aggregate(rows[rows["subtask"] == "all"], KEYS)
     overall = normalize(overall, ["profile", "task", "metric"])
     per_subtask = aggregate(rows[rows["subtask"] != "all"], KEYS[:3] + ["subtask"] + KEYS[3:])
     per_subtask = normalize(per_subtask, ["profile", "task", "subtask", "metric"])
-    return overall, per_subtask
+    return normalize_own(overall, per_subtask)
 
 
 def markdown(overall: pd.DataFrame) -> str:
-    parts = ["# Leaderboard", "", "Mean ± std over seeds of the macro average over subtasks; `norm` = ÷ best single expert.",
+    parts = ["# Leaderboard", "", "Mean ± std over seeds of the macro average over subtasks; `norm` = ÷ best single expert; `own norm` "
+             "(in-domain tasks) = mean over subtasks of the score ÷ that subtask's own expert's score.",
              "Rows of profiles marked not meaningful (smoke) come from random tiny models.", ""]
     for (profile, domain), group in overall.groupby(["profile", "domain"]):
         meaningful = "" if group["meaningful"].all() else " (random tiny models: scores are meaningless)"
@@ -87,6 +108,7 @@ def markdown(overall: pd.DataFrame) -> str:
             "task": group["task"], "method": group["method"], "variant": group["variant"], "metric": group["metric"],
             "score": [f"{m:.3f} ± {s:.3f}" for m, s in zip(group["mean"], group["std"])],
             "norm": group["normalized"].map(lambda v: "" if pd.isna(v) else f"{v:.2f}"),
+            "own norm": group["normalized_own"].map(lambda v: "" if pd.isna(v) else f"{v:.2f}"),
             "seeds": group["n_seeds"], "n": group["n_examples"].round().astype(int),
             "fit s": group["fit_seconds"].round(1), "eval s": group["eval_seconds"].round(1),
             "trained params": group["trained_params"].astype(int),

@@ -53,3 +53,30 @@ def test_leaderboard_by_hand(runs, tmp_path):
     assert len(csv) == 3 and not csv.duplicated(["profile", "task", "method", "variant", "metric"]).any()
     assert (tmp_path / "out" / "leaderboard.md").read_text().count("| t ") == 3
     assert sorted(p.name for p in (tmp_path / "out" / "plots").iterdir()) == ["p_t_exact_match.png", "p_t_exact_match_cost.png"]
+
+
+def test_in_domain_rows_are_normalized_by_each_subtasks_own_expert(tmp_path):
+    r = tmp_path / "runs"
+    record(r / "1", "k1", "single", 0, {"a": 0.5, "b": 0.2}, variant="expert=a")
+    record(r / "2", "k2", "single", 0, {"a": 0.1, "b": 0.8}, variant="expert=b")
+    record(r / "3", "k3", "mole", 0, {"a": 0.25, "b": 0.6})
+    overall, per_subtask = build(load_rows(r))
+    mole = overall[overall.method == "mole"].iloc[0]
+    assert mole["normalized_own"] == pytest.approx((0.25 / 0.5 + 0.6 / 0.8) / 2)  # 0.625
+    assert mole["normalized"] == pytest.approx(0.425 / 0.45)  # ÷ the best single expert's macro score
+    own = per_subtask.set_index(["method", "variant", "subtask"])["own_expert"]
+    assert own[("mole", "", "a")] == 0.5 and own[("mole", "", "b")] == 0.8
+
+
+def test_an_own_expert_scoring_zero_is_left_out_of_the_own_normalization(tmp_path):
+    r = tmp_path / "runs"
+    record(r / "1", "k1", "single", 0, {"a": 0.5, "b": 0.2}, variant="expert=a")
+    record(r / "2", "k2", "single", 0, {"a": 0.1, "b": 0.0}, variant="expert=b")
+    record(r / "3", "k3", "mole", 0, {"a": 0.25, "b": 0.6})
+    overall, _ = build(load_rows(r))
+    assert overall[overall.method == "mole"].iloc[0]["normalized_own"] == pytest.approx(0.5)
+
+
+def test_cross_task_rows_have_no_own_expert_normalization(runs):
+    overall, _ = build(load_rows(runs))  # subtasks a, b; experts x, y: no subtask has its own expert
+    assert overall["normalized_own"].isna().all()
