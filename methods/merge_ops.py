@@ -267,6 +267,25 @@ def fold_lora_(weight: torch.Tensor, module: LoraModule) -> torch.Tensor:
     return weight.addmm_(module.B.to(weight.dtype), module.A.to(weight.dtype), alpha=module.scale)
 
 
+def fold_loras_(folds: Sequence[tuple[torch.Tensor, LoraModule]], streams: int = 2) -> None:
+    """`fold_lora_` for many modules. On a GPU, consecutive modules alternate between `streams` CUDA streams,
+    so one module's GEMM overlaps another's memory-bound read-add-write of W (H100, 7B stack, N·r = 512:
+    0.56 → 0.66 of copy bandwidth; results/perf/NOTES.md). Returns once the current stream sees every fold."""
+    if not folds or folds[0][0].device.type != "cuda" or streams < 2:
+        for weight, module in folds:
+            fold_lora_(weight, module)
+        return
+    current = torch.cuda.current_stream(folds[0][0].device)
+    side = [torch.cuda.Stream(folds[0][0].device) for _ in range(streams)]
+    for stream in side:
+        stream.wait_stream(current)
+    for i, (weight, module) in enumerate(folds):
+        with torch.cuda.stream(side[i % streams]):
+            fold_lora_(weight, module)
+    for stream in side:
+        current.wait_stream(stream)
+
+
 def max_rank(adapters: Sequence[LoraAdapter]) -> int:
     return max(max(a.ranks) for a in adapters)
 

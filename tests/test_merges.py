@@ -26,7 +26,7 @@ from bench.registry import get_method
 from methods.base import FitContext
 from methods.linear import concat_merge, dense_deltas
 from methods.merge_ops import (
-    dense_to_lora, fold_lora_, merge_dense, merge_stacked, module_seed, stack_factors,
+    dense_to_lora, fold_lora_, fold_loras_, merge_dense, merge_stacked, module_seed, stack_factors,
 )
 
 CONF = Path(__file__).resolve().parents[1] / "conf" / "method"
@@ -166,6 +166,17 @@ def test_dense_to_lora_full_rank_is_exact_and_truncation_is_optimal():
         s = torch.linalg.svdvals(delta)
         err = (low.modules[module].delta() - delta).norm()
         close(err, s[3:].norm(), rtol=1e-10)  # Eckart–Young
+
+
+def test_fold_loras_folds_every_module():
+    g = torch.Generator().manual_seed(2)
+    folds = [(torch.randn(5, 4, generator=g, dtype=torch.float64),
+              LoraModule(torch.randn(2, 4, generator=g, dtype=torch.float64),
+                         torch.randn(5, 2, generator=g, dtype=torch.float64), 0.5)) for _ in range(3)]
+    expected = [W + 0.5 * m.B @ m.A for W, m in folds]
+    fold_loras_(folds)
+    for (W, _), want in zip(folds, expected):
+        close(W, want)
 
 
 def test_fold_lora_adds_the_update_in_place():

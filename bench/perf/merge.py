@@ -7,7 +7,8 @@ d 4096, ffn 11008, 32 layers = 224 modules), rank r, N experts; base weights, fa
 dtype (bf16 on a GPU, fp32 on CPU; `--dtype`). Operations, each over the whole stack:
 
 - ``fold_linear``: the exact linear merge (the concatenated LoRA, weights 1/N) folded into the base,
-  ``W += B_cat @ A_cat`` per module (`fold_lora_`: one GEMM, no dense ΔW). Bytes counted: W read and
+  ``W += B_cat @ A_cat`` per module (`fold_loras_`: one GEMM each, no dense ΔW, modules alternating
+  between two CUDA streams). Bytes counted: W read and
   written (2·|W|) plus the factors read. Goal: ≥ 60 % of the measured copy bandwidth.
 - ``cat``: building that concatenated LoRA (`concat_merge`, small factor copies). Time only.
 - ``ties`` (density 0.2), ``dare_linear`` / ``dare_ties`` (density 0.5, seeded), ``magnitude_prune``
@@ -43,7 +44,7 @@ import torch
 from bench.adapters import LoraAdapter, LoraModule
 from bench.perf.common import copy_bandwidth, pick_device, time_fn, write_results
 from methods.linear import concat_merge
-from methods.merge_ops import (dare_masks, expert_deltas, fold_lora_, fused_tail, merge_module, module_generator,
+from methods.merge_ops import (dare_masks, expert_deltas, fold_loras_, fused_tail, merge_module, module_generator,
                                stack_factors, trim_thresholds)
 from methods.svd import svd_merge
 
@@ -96,9 +97,10 @@ def operation(op: str, pool: list[LoraAdapter], weights: dict[str, torch.Tensor]
     if op == "fold_linear":
         merged = concat_merge(pool, [1.0 / n] * n)
 
+        folds = [(W, merged.modules[name]) for name, W in weights.items()]
+
         def run() -> None:
-            for name, W in weights.items():
-                fold_lora_(W, merged.modules[name])
+            fold_loras_(folds)
     elif op == "cat":
         def run() -> None:
             concat_merge(pool, [1.0 / n] * n)
