@@ -15,17 +15,20 @@ the gate shapes), enough to rebuild the gates on a fresh stacked model (`load_ga
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence, TypeVar
 
 import torch
 from torch import nn
 
 from bench.errors import ConfigError
+from bench.pool import ExpertPool
+from bench.stacked import StackedLoraLinear, stacked_experts
 from methods.base import Composed
 from tasks.base import Example
 
@@ -45,6 +48,22 @@ class GatedComposed(Composed):
         if self.gates is None:
             return None
         return save_gates(self.gates, {**self.gate_config, "variant": self.variant}, folder)
+
+
+Router = TypeVar("Router")
+
+
+@contextlib.contextmanager
+def router_attached(lm, pool: ExpertPool,
+                    build: Callable[[nn.Module, dict[str, StackedLoraLinear]], Router]) -> Iterator[Router]:
+    """`lm`'s model with the pool's experts stacked and the router `build(model, layers)` attached for the span
+    of the block; the router's `remove()` and the original layers are restored afterwards."""
+    with stacked_experts(lm.model, pool) as layers:
+        router = build(lm.model, layers)
+        try:
+            yield router
+        finally:
+            router.remove()
 
 
 def save_gates(gates: nn.Module, config: dict, folder: str | Path) -> Path:

@@ -42,10 +42,10 @@ from torch.nn import functional as F
 from bench.errors import ConfigError
 from bench.pool import ExpertPool
 from bench.registry import register_method
-from bench.stacked import StackedLoraLinear, block_of, stacked_experts
+from bench.stacked import StackedLoraLinear, block_of
 from methods.base import FitContext, FitReport, Method, Timer
 from methods.gates import (GatedComposed, TrainConfig, check_saved_gates, count_params, info_common, load_gates,
-                           reads_encoder, train_gates)
+                           reads_encoder, router_attached, train_gates)
 from tasks.base import Example
 
 
@@ -158,12 +158,8 @@ def _hidden_size(model: nn.Module) -> int:
 def lora_flow_attached(lm, pool: ExpertPool, temperature: float = 1.0,
                        bias_init: Sequence[float] | None = None) -> Iterator[LoraFlowRouter]:
     """`lm`'s model with the pool's experts stacked and LoRA-Flow gates attached, for the span of the block."""
-    with stacked_experts(lm.model, pool) as layers:
-        router = LoraFlowRouter(lm.model, layers, temperature, bias_init)
-        try:
-            yield router
-        finally:
-            router.remove()
+    with router_attached(lm, pool, lambda model, layers: LoraFlowRouter(model, layers, temperature, bias_init)) as router:
+        yield router
 
 
 @contextlib.contextmanager

@@ -71,10 +71,10 @@ from torch.nn import functional as F
 from bench.errors import ConfigError
 from bench.pool import ExpertPool
 from bench.registry import register_method
-from bench.stacked import StackedLoraLinear, block_of, stacked_experts
+from bench.stacked import StackedLoraLinear, block_of
 from methods.base import FitContext, FitReport, Method, Timer
 from methods.gates import (GatedComposed, TrainConfig, check_saved_gates, count_params, info_common, load_gates,
-                           reads_encoder, stack_of, train_gates)
+                           reads_encoder, router_attached, stack_of, train_gates)
 from tasks.base import Example
 
 GRANULARITIES = ("matrix", "layer", "block", "network")
@@ -341,12 +341,9 @@ def mole_attached(lm, pool: ExpertPool, granularity: str = "block", temperature_
                   temperature_range: tuple[float, float] = (1.0, 3.0), init_std: float = 0.0,
                   seed: int = 0) -> Iterator[MoleRouter]:
     """`lm`'s model with the pool's experts stacked and MoLE gates attached, for the span of the block."""
-    with stacked_experts(lm.model, pool) as layers:
-        router = MoleRouter(lm.model, layers, granularity, temperature_init, temperature_range, init_std, seed)
-        try:
-            yield router
-        finally:
-            router.remove()
+    with router_attached(lm, pool, lambda model, layers: MoleRouter(
+            model, layers, granularity, temperature_init, temperature_range, init_std, seed)) as router:
+        yield router
 
 
 @contextlib.contextmanager
