@@ -22,24 +22,16 @@ import argparse
 import torch
 
 from bench.perf.common import copy_bandwidth, time_fn, write_results
-from bench.perf.merge import DTYPES, stack_settings, stack_shapes, synthetic_pool
+from bench.perf.merge import stack_parser, stack_settings, stack_shapes, synthetic_pool
 from methods.lora_lego import lego_cluster, lego_merge, unit_groups
 
 GOAL_S = 0.050
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m bench.perf lego", description=__doc__.split("\n")[0])
-    p.add_argument("--device", default=None, help="cuda, cuda:1 or cpu (default: cuda when available)")
-    p.add_argument("--n", default=None, help="comma-separated expert counts (default 2,8,32; quick 2,8)")
-    p.add_argument("--layers", type=int, default=None)
-    p.add_argument("--d", type=int, default=None, help="hidden size (default 4096; quick 256)")
-    p.add_argument("--ffn", type=int, default=None, help="MLP size (default 11008; quick 688)")
-    p.add_argument("--rank", type=int, default=16)
+    p = stack_parser("python -m bench.perf lego", __doc__.split("\n")[0])
     p.add_argument("--k", type=int, default=None, help="clusters (default: the rank)")
     p.add_argument("--max-iter", type=int, default=100)
-    p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="factors' dtype (default bf16 on GPU)")
-    p.add_argument("--quick", action="store_true", help="small shapes (the default without a GPU)")
     return p.parse_args(argv)
 
 

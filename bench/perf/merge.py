@@ -154,19 +154,25 @@ def goal(op: str, n: int, median_s: float, ratio: float | None, gpu: bool) -> tu
     return text, ("pass" if ok else "FAIL") if gpu else "n/a (CPU)"
 
 
-def parse(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m bench.perf merge", description=__doc__.split("\n")[0])
+def stack_parser(prog: str, description: str) -> argparse.ArgumentParser:
+    """The arguments every benchmark of the 7B-like stack takes (read back by `stack_settings`)."""
+    p = argparse.ArgumentParser(prog=prog, description=description)
     p.add_argument("--device", default=None, help="cuda, cuda:1 or cpu (default: cuda when available)")
     p.add_argument("--n", default=None, help="comma-separated expert counts (default 2,8,32; quick 2,8)")
     p.add_argument("--layers", type=int, default=None)
     p.add_argument("--d", type=int, default=None, help="hidden size (default 4096; quick 256)")
     p.add_argument("--ffn", type=int, default=None, help="MLP size (default 11008; quick 688)")
     p.add_argument("--rank", type=int, default=16)
-    p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default bf16 on GPU, fp32 on CPU")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="factors' dtype (default bf16 on GPU, fp32 on CPU)")
+    p.add_argument("--quick", action="store_true", help="small shapes (the default without a GPU)")
+    return p
+
+
+def parse(argv: list[str] | None) -> argparse.Namespace:
+    p = stack_parser("python -m bench.perf merge", __doc__.split("\n")[0])
     p.add_argument("--ops", default=",".join(OPS), help=f"comma-separated subset of {OPS}")
     p.add_argument("--fused", choices=["auto", "on", "off"], default="auto",
                    help="dense merges through the compiled tail (auto: on a GPU); eager rows at N=8 for comparison")
-    p.add_argument("--quick", action="store_true", help="small shapes (the default without a GPU)")
     p.add_argument("--stages", action="store_true", help="time each step of the dense merges on the largest module")
     return p.parse_args(argv)
 
