@@ -64,3 +64,25 @@ def make_pool(tiny_lm):
         return ExpertPool(tiny_lm.model_id, adapters)
 
     return make
+
+
+def peft_holding(model: torch.nn.Module, adapters: list[LoraAdapter], b_weights: list[float] | None = None):
+    """A peft model over `model` holding every adapter under its own name (each lora_B times its weight in
+    `b_weights`, when given): the reference the merge tests compare against."""
+    from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
+
+    peft_model = None
+    for i, adapter in enumerate(adapters):
+        kwargs = adapter.peft_config()
+        kwargs.pop("base_model_name_or_path")
+        config = LoraConfig(**kwargs)
+        if peft_model is None:
+            peft_model = get_peft_model(model, config, adapter_name=adapter.name)
+        else:
+            peft_model.add_adapter(adapter.name, config)
+        state = adapter.peft_state_dict()
+        if b_weights is not None:
+            state = {k: (v * b_weights[i] if "lora_B" in k else v) for k, v in state.items()}
+        result = set_peft_model_state_dict(peft_model, state, adapter_name=adapter.name)
+        assert not [k for k in result.unexpected_keys if "lora_" in k]
+    return peft_model

@@ -3,10 +3,9 @@
 import pytest
 import torch
 from omegaconf import OmegaConf
-from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
 
 from bench.errors import ConfigError
-from conftest import random_adapter
+from conftest import peft_holding, random_adapter
 from methods.linear import LinearArithmetic, concat_merge, dense_deltas, resolve_weights, svd_refactor
 
 IDS = torch.tensor([[3, 99, 1024, 5, 77, 12]])
@@ -14,25 +13,11 @@ IDS = torch.tensor([[3, 99, 1024, 5, 77, 12]])
 
 def peft_all_active(lm, adapters, weights):
     """Logits of a peft model holding every adapter (B scaled by its weight) with all of them active."""
-    base = lm.model
-    first = adapters[0]
-    peft_model = None
-    for adapter, w in zip(adapters, weights):
-        kwargs = adapter.peft_config()
-        kwargs.pop("base_model_name_or_path")
-        config = LoraConfig(**kwargs)
-        if peft_model is None:
-            peft_model = get_peft_model(base, config, adapter_name=adapter.name)
-        else:
-            peft_model.add_adapter(adapter.name, config)
-        state = adapter.peft_state_dict()
-        state = {k: (v * w if "lora_B" in k else v) for k, v in state.items()}
-        set_peft_model_state_dict(peft_model, state, adapter_name=adapter.name)
+    peft_model = peft_holding(lm.model, adapters, weights)
     peft_model.base_model.set_adapter([a.name for a in adapters])
     with torch.no_grad():
         logits = peft_model(input_ids=IDS).logits
     lm.model = peft_model.unload()
-    assert first is adapters[0]
     return logits
 
 

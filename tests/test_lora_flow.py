@@ -21,14 +21,6 @@ from tasks.algorithmic import generate
 PROMPTS = ["not True and False is", "( True or False ) and not False is"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def fit_examples(n=6):
     return [generate("boolean_expressions", "fit", i) for i in range(n)]
 

@@ -15,15 +15,6 @@ from tasks.algorithmic import generate
 PROMPTS = ["not True and False is", "( True or False ) and not False is"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Two threads on two shared cores thrash; one is ~10× faster for these tiny models."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def fit_examples(n=6, family="boolean_expressions"):
     return [generate(family, "fit", i) for i in range(n)]
 

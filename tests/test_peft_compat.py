@@ -13,14 +13,13 @@ import math
 
 import pytest
 import torch
-from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
 
 from bench.adapters import LoraAdapter, LoraModule
 from bench.errors import ConfigError
 from methods.linear import concat_merge, dense_deltas, peft_linear_merge
 from methods.merge_ops import dense_to_lora, merge_dense
 from methods.svd import svd_merge
-from conftest import random_adapter
+from conftest import peft_holding, random_adapter
 
 TARGETS = ("q_proj", "v_proj", "up_proj")
 
@@ -37,18 +36,7 @@ def make_adapters(lm, n: int = 3, rank: int = 4, rslora: bool = False) -> list[L
 
 def peft_weighted(lm, adapters: list[LoraAdapter], weights: list[float], combination_type: str, **kwargs):
     """Module path -> (A, B, scale) of peft's `add_weighted_adapter` result on a copy of the tiny model."""
-    model = copy.deepcopy(lm.model)
-    peft_model = None
-    for a in adapters:
-        kw = a.peft_config()
-        kw.pop("base_model_name_or_path")
-        config = LoraConfig(**kw)
-        if peft_model is None:
-            peft_model = get_peft_model(model, config, adapter_name=a.name)
-        else:
-            peft_model.add_adapter(a.name, config)
-        result = set_peft_model_state_dict(peft_model, a.peft_state_dict(), adapter_name=a.name)
-        assert not [k for k in result.unexpected_keys if "lora_" in k]
+    peft_model = peft_holding(copy.deepcopy(lm.model), adapters)
     peft_model.add_weighted_adapter([a.name for a in adapters], weights, "merged",
                                     combination_type=combination_type, **kwargs)
     out = {}
