@@ -133,11 +133,8 @@ def plot(overall: pd.DataFrame, out_dir: Path) -> list[Path]:
         ax.set_xticks(range(len(group)), labels, rotation=60, ha="right", fontsize=8)
         ax.set_ylabel(metric)
         ax.set_title(f"{task} · {profile}")
-        fig.tight_layout()
-        path = out_dir / f"{profile}_{task}_{metric.replace('/', '-')}.png"
-        fig.savefig(path, dpi=120)
-        plt.close(fig)
-        paths.append(path)
+        stem = f"{profile}_{task}_{metric.replace('/', '-')}"
+        paths.append(_save(fig, out_dir / f"{stem}.png"))
         fig, ax = plt.subplots(figsize=(6, 4))
         cost = group["fit_seconds"] + group["eval_seconds"]
         ax.scatter(cost, group["mean"])
@@ -147,12 +144,17 @@ def plot(overall: pd.DataFrame, out_dir: Path) -> list[Path]:
         ax.set_xlabel("fit + eval seconds (mean per job)")
         ax.set_ylabel(metric)
         ax.set_title(f"quality vs cost · {task} · {profile}")
-        fig.tight_layout()
-        path = out_dir / f"{profile}_{task}_{metric.replace('/', '-')}_cost.png"
-        fig.savefig(path, dpi=120)
-        plt.close(fig)
-        paths.append(path)
+        paths.append(_save(fig, out_dir / f"{stem}_cost.png"))
     return paths
+
+
+def _save(fig, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
 
 
 def write(runs_dir: str | Path, out_dir: str | Path, plots: bool = True) -> pd.DataFrame:

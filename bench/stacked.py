@@ -35,7 +35,26 @@ Controller = Callable[["StackedLoraLinear", torch.Tensor, torch.Tensor], torch.T
 GateFn = Callable[["StackedLoraLinear", torch.Tensor, torch.Tensor], torch.Tensor]
 
 
-class StackedLoraLinear(nn.Module):
+class WrappedLinear(nn.Module):
+    """A module standing in for the linear layer `self.base`: code that reads a linear layer's
+    ``in_features``, ``out_features`` or ``weight`` (peft, transformers' init checks) sees the base's."""
+
+    base: nn.Linear
+
+    @property
+    def in_features(self) -> int:
+        return self.base.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.base.out_features
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.base.weight
+
+
+class StackedLoraLinear(WrappedLinear):
     """A frozen linear layer plus N frozen LoRA experts, gated without a loop over experts."""
 
     def __init__(self, base: nn.Linear, experts: list[LoraModule]) -> None:
@@ -57,18 +76,6 @@ class StackedLoraLinear(nn.Module):
         self.gates: torch.Tensor | None = None
         self.controller: Controller | None = None
         self.gate_fn: GateFn | None = None  # (layer, x, h) -> gates for this forward; used when controller is None
-
-    @property
-    def in_features(self) -> int:
-        return self.base.in_features
-
-    @property
-    def out_features(self) -> int:
-        return self.base.out_features
-
-    @property
-    def weight(self) -> torch.Tensor:
-        return self.base.weight
 
     def project(self, x: torch.Tensor) -> torch.Tensor:
         """h = x @ A_catᵀ: every expert's rank activations at once, (..., N·r)."""

@@ -42,7 +42,7 @@ from bench.adapters import LoraAdapter, LoraModule
 from bench.errors import AdapterError, ConfigError
 from bench.pool import ExpertPool
 from bench.registry import register_method
-from bench.stacked import stacked_experts
+from bench.stacked import WrappedLinear, stacked_experts
 from methods.base import Composed, FitContext, FitReport, Method, Timer
 from methods.linear import concat_merge
 
@@ -147,7 +147,7 @@ class FactorBank:
         return LoraAdapter(name, base_model, modules, task_type=task_type)
 
 
-class FactorLoraLinear(nn.Module):
+class FactorLoraLinear(WrappedLinear):
     """``y = W x + scale · B'_g A'_g x`` where row group g of the batch uses composed factors g of the bank.
 
     The batch's rows split into `bank.groups` equal consecutive groups (one group: an ordinary LoRA layer).
@@ -159,18 +159,6 @@ class FactorLoraLinear(nn.Module):
         self.bank = bank
         self.module = module
         self.scale = bank.scales[module]
-
-    @property
-    def weight(self) -> torch.Tensor:
-        return self.base.weight
-
-    @property
-    def in_features(self) -> int:
-        return self.base.in_features
-
-    @property
-    def out_features(self) -> int:
-        return self.base.out_features
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         A, B = self.bank.factors(self.module)
