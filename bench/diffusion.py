@@ -15,8 +15,9 @@ with two hooks a composition method may override (`SamplingHooks`): how prompts 
 prediction of step i is made. The hooks run *before* step i's model call, so there is no step-end off-by-one.
 
 LoRAs are applied three ways, each restoring the exact base modules on exit: `adapter_applied` (one adapter injected
-through peft: static methods), `deltas_folded` (``W += ΔW``) and `experts_applied` (all experts of a pool stacked
-along the rank in one `ExpertsLinear` per layer, with per-step / per-row / gated weights: Switch, Composite, MoLE).
+through peft: static methods), `deltas_folded` (``W += ΔW``) and `experts_applied` (all experts of a pool stacked in
+one `bench.stacked.StackedLoraLinear` per layer, the layers' mode set through one `ExpertMix`: per-step / per-row /
+gated weights for Switch, Composite, MoLE).
 """
 
 from __future__ import annotations
@@ -30,13 +31,13 @@ from pathlib import Path
 from typing import Any, Callable, ClassVar, Iterator, Sequence
 
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from bench.adapters import LoraAdapter, LoraModule
 from bench.errors import AdapterError, ConfigError
 from bench.lm import folded
 from bench.pool import ExpertPool
+from bench.stacked import StackedLoraLinear, stacked_experts
 
 SOURCES = ("hub", "local", "tiny")
 SCHEDULERS = ("dpmsolver++", "ddim", "euler", "pndm")
@@ -184,22 +185,28 @@ PLAIN = SamplingHooks()
 
 # --------------------------------------------------------------------- stacked experts
 
+MixGate = Callable[[StackedLoraLinear, torch.Tensor], torch.Tensor]  # (layer, rank activations h) -> (batch, N)
+
 
 class ExpertMix:
-    """The shared state of all `ExpertsLinear` layers of one model: which experts act, with which weights.
+    """The mode shared by all `StackedLoraLinear` layers of one model (each layer's `mix`): which experts act, with
+    which weights. The layers' math is `bench.stacked`'s; this picks, per forward, which of it runs.
 
     Exactly one mode at a time: `only(i)` (expert i alone, computed on its own rank slice), `weighted(w)` with
     ``w`` of shape (N,) (every row) or (batch, N) (one weight vector per batch row), or a `gate` callable
-    ``gate(layer, h) -> (batch, N)`` (learned gates); `off()` runs the base model.
+    ``gate(layer, h) -> (batch, N)`` (learned gates; ``h`` the layer's rank activations); `off()` runs the base model.
     """
 
-    def __init__(self, names: Sequence[str]) -> None:
-        self.names = list(names)
-        self.single: int | None = None
-        self.single_scale = 1.0
-        self.weights: torch.Tensor | None = None
-        self.gate: Callable[["ExpertsLinear", torch.Tensor], torch.Tensor] | None = None
-        self.layers: dict[str, ExpertsLinear] = {}
+    single: int | None
+    single_scale: float = 1.0
+    weights: torch.Tensor | None
+    gate: MixGate | None
+
+    def __init__(self, names: Sequence[str], layers: dict[str, StackedLoraLinear]) -> None:
+        self.names, self.layers = list(names), layers
+        self.off()
+        for layer in layers.values():
+            layer.mix = self
 
     @property
     def n(self) -> int:
@@ -217,53 +224,21 @@ class ExpertMix:
         self.off()
         self.weights = weights
 
-    def gated(self, gate: Callable[["ExpertsLinear", torch.Tensor], torch.Tensor]) -> None:
+    def gated(self, gate: MixGate) -> None:
         self.off()
         self.gate = gate
 
     def off(self) -> None:
         self.single, self.weights, self.gate = None, None, None
 
-
-class ExpertsLinear(torch.nn.Module):
-    """A frozen linear layer plus N LoRA experts stacked along the rank (no loop over experts in the forward).
-
-    ``y = W x + Σ_i g_i · s_i B_i A_i x`` with ``A = [A_1; …; A_N]`` (R × d_in) and ``B = [s_1 B_1, …, s_N B_N]``
-    (d_out × R); ``g`` comes from the shared `ExpertMix`.
-    """
-
-    def __init__(self, base: torch.nn.Linear, modules: Sequence[LoraModule], mix: ExpertMix, path: str) -> None:
-        super().__init__()
-        self.base, self.mix, self.path = base, mix, path
-        w = base.weight
-        self.register_buffer("A", torch.cat([m.A for m in modules]).to(w.device, w.dtype), persistent=False)
-        B = torch.cat([m.scale * m.B for m in modules], 1)
-        self.register_buffer("B", B.to(w.device, w.dtype), persistent=False)
-        ranks = [m.rank for m in modules]
-        self.bounds = [(sum(ranks[:i]), sum(ranks[: i + 1])) for i in range(len(ranks))]
-        owner = torch.repeat_interleave(torch.arange(len(ranks)), torch.tensor(ranks))
-        self.register_buffer("expert_of_rank", owner.to(w.device), persistent=False)
-        # rank_mask[i, k] = 1 where rank k belongs to expert i: per-expert outputs in one product.
-        self.register_buffer("rank_mask", F.one_hot(owner, len(ranks)).T.to(w.device, w.dtype), persistent=False)
-
-    def expert_outputs(self, h: torch.Tensor) -> torch.Tensor:
-        """Each expert's output ``s_i B_i A_i x`` from ``h = A x`` (…, R) -> (…, N, d_out)."""
-        return torch.einsum("...r,nr,or->...no", h, self.rank_mask, self.B)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.base(x)
-        mix = self.mix
-        if mix.single is not None:
-            lo, hi = self.bounds[mix.single]
-            return y + mix.single_scale * F.linear(F.linear(x, self.A[lo:hi]), self.B[:, lo:hi])
-        if mix.weights is None and mix.gate is None:
-            return y
-        h = F.linear(x, self.A)
-        w = mix.gate(self, h) if mix.gate is not None else mix.weights
-        w = w.to(h.dtype)[..., self.expert_of_rank]
-        if w.dim() == 2 and h.dim() > 2:  # one weight vector per batch row
-            w = w.view(w.shape[0], *([1] * (h.dim() - 2)), w.shape[1])
-        return y + F.linear(h * w, self.B)
+    def __call__(self, layer: StackedLoraLinear, x: torch.Tensor) -> torch.Tensor:
+        """`layer`'s output under the current mode (the layer's `mix` hook)."""
+        if self.single is not None:
+            return layer.base(x) + layer.single_delta(x, self.single, self.single_scale)
+        if self.weights is None and self.gate is None:
+            return layer.base(x)
+        h = layer.project(x)
+        return layer.gated_forward(x, h, self.gate(layer, h) if self.gate is not None else self.weights)
 
 
 # --------------------------------------------------------------------- the model
@@ -444,7 +419,7 @@ class DiffusionModel:
 
     @contextlib.contextmanager
     def experts_applied(self, pool: ExpertPool) -> Iterator[ExpertMix]:
-        """Run the block with every expert of `pool` stacked into `ExpertsLinear` layers, controlled through the
+        """Run the block with every expert of `pool` stacked into `StackedLoraLinear` layers, controlled through the
         yielded `ExpertMix` (initially off); the original linear modules are put back afterwards."""
         for adapter in pool:
             self.check_adapter(adapter)
@@ -479,22 +454,14 @@ class HookedModel:
 
 @contextlib.contextmanager
 def stack_experts(root: torch.nn.Module, pool: ExpertPool) -> Iterator[ExpertMix]:
-    """Replace every module of `pool` under `root` by an `ExpertsLinear` of all experts; restore on exit."""
-    pool.check_model(root)
-    mix = ExpertMix(pool.names)
-    originals: dict[str, torch.nn.Module] = {}
-    try:
-        for path in pool.module_names:
-            base = root.get_submodule(path)
-            layer = ExpertsLinear(base, [a.modules[path] for a in pool], mix, path)
-            _set_submodule(root, path, layer)
-            originals[path] = base
-            mix.layers[path] = layer
-        yield mix
-    finally:
-        for path, base in originals.items():
-            _set_submodule(root, path, base)
-        mix.off()
+    """Replace every module of `pool` under `root` by a `StackedLoraLinear` of all experts, driven by the yielded
+    `ExpertMix` (initially off); restore on exit."""
+    with stacked_experts(root, pool) as layers:
+        mix = ExpertMix(pool.names, layers)
+        try:
+            yield mix
+        finally:
+            mix.off()
 
 
 def composite_noise(unet: Callable[[torch.Tensor, torch.Tensor, Any], torch.Tensor], mix: ExpertMix,

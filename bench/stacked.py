@@ -1,4 +1,6 @@
-"""N frozen LoRA experts of one linear layer computed as one stacked LoRA (DESIGN §4, MoLE).
+"""N frozen LoRA experts of one linear layer computed as one stacked LoRA (DESIGN §4), for language models
+(MoLE, LoRA-Flow, MoA, the text forms of Switch / Composite) and diffusion (MoLE on the UNet, LoRA Switch,
+LoRA Composite, through `bench.diffusion.ExpertMix`) alike.
 
 For a target layer with base weight W and experts (A_i, B_i, s_i), ranks padded to r = max r_i with zero
 rows/columns (which contribute nothing):
@@ -8,10 +10,15 @@ rows/columns (which contribute nothing):
     y      = W x + (h ⊙ expand(g)) @ B_catᵀ   B_cat = [s_1 B_1, …, s_N B_N]  (d_out × N·r)
            = W x + Σ_i g_i Δh_i
 
-The gate `g` is per layer (N,), per sequence (batch, N) or per token (batch, seq, N). Gates come from
+The gate `g` is per layer (N,), per row (batch, N: broadcast over every dimension between the batch and the
+features, a sequence's tokens or an image's spatial positions) or per token (batch, seq, N). Gates come from
 `layer.gates` (set by a method before a forward pass), from `layer.gate_fn(layer, x, h)`, a callable that
 returns this forward's gates (MoLE, whose gates depend on the experts' outputs; LoRA-Flow, on the block
-input), or `layer.controller(layer, x, h)`, a callable that returns the layer's whole LoRA output. No Python loop over experts anywhere in the forward.
+input), or `layer.controller(layer, x, h)`, a callable that returns the layer's whole LoRA output.
+`layer.mix(layer, x)`, when set, runs the whole forward instead: a mode shared by all layers of a model that
+picks its path before any expert math (`bench.diffusion.ExpertMix`: off, one expert alone, weighted, gated).
+One expert alone (`single_delta`): ``c · s_i B_i A_i x`` from that expert's own r_i ranks only.
+No Python loop over experts anywhere in the forward.
 
 Kernels per gated forward (inference): base GEMM, the A_cat GEMM, one broadcast multiply (h viewed as
 (…, N, r) times g as (…, N, 1): the expanded gate is never materialized) and the B_cat GEMM accumulating into
@@ -33,6 +40,7 @@ from bench.pool import ExpertPool
 
 Controller = Callable[["StackedLoraLinear", torch.Tensor, torch.Tensor], torch.Tensor]
 GateFn = Callable[["StackedLoraLinear", torch.Tensor, torch.Tensor], torch.Tensor]
+Mix = Callable[["StackedLoraLinear", torch.Tensor], torch.Tensor]
 
 
 class WrappedLinear(nn.Module):
@@ -57,11 +65,12 @@ class WrappedLinear(nn.Module):
 class StackedLoraLinear(WrappedLinear):
     """A frozen linear layer plus N frozen LoRA experts, gated without a loop over experts."""
 
-    def __init__(self, base: nn.Linear, experts: list[LoraModule]) -> None:
+    def __init__(self, base: nn.Linear, experts: list[LoraModule], path: str = "") -> None:
         super().__init__()
-        self.base = base
+        self.base, self.path = base, path  # path: the module path it stands in for (gates keyed by layer read it)
         self.n_experts = len(experts)
-        self.rank = max(m.rank for m in experts)
+        self.ranks = [m.rank for m in experts]
+        self.rank = max(self.ranks)
         dtype, device = base.weight.dtype, base.weight.device
         A = torch.zeros(self.n_experts, self.rank, base.in_features, dtype=dtype, device=device)
         B = torch.zeros(self.n_experts, base.out_features, self.rank, dtype=dtype, device=device)
@@ -76,6 +85,7 @@ class StackedLoraLinear(WrappedLinear):
         self.gates: torch.Tensor | None = None
         self.controller: Controller | None = None
         self.gate_fn: GateFn | None = None  # (layer, x, h) -> gates for this forward; used when controller is None
+        self.mix: Mix | None = None  # (layer, x) -> this forward's output, in place of all of the above
 
     def project(self, x: torch.Tensor) -> torch.Tensor:
         """h = x @ A_catᵀ: every expert's rank activations at once, (..., N·r)."""
@@ -89,7 +99,7 @@ class StackedLoraLinear(WrappedLinear):
         """Σ_i g_i Δh_i from the rank activations, as one GEMM: (h ⊙ expand(g)) @ B_catᵀ.
 
         `gates`: None (all experts at weight 1), (N,), (batch, N) or (batch, seq, N) for h of shape
-        (batch, seq, N·r).
+        (batch, …, N·r); (batch, N) broadcasts over every dimension between batch and ranks.
         """
         return F.linear(self.gate_ranks(h, gates), self.B_cat)
 
@@ -98,10 +108,7 @@ class StackedLoraLinear(WrappedLinear):
         (h viewed as (..., N, r) times g as (..., N, 1)), so the expanded gate is never materialized."""
         if gates is None:
             return h
-        g = gates.to(h.dtype)
-        if g.dim() == 2 and h.dim() == 3:
-            g = g.unsqueeze(1)  # per-sequence gates broadcast over tokens
-        return (h.unflatten(-1, (self.n_experts, self.rank)) * g.unsqueeze(-1)).flatten(-2)
+        return (h.unflatten(-1, (self.n_experts, self.rank)) * _gate_view(gates, h)).flatten(-2)
 
     def combine_into(self, y: torch.Tensor, h: torch.Tensor, gates: torch.Tensor | None) -> torch.Tensor:
         """``y += Σ_i g_i Δh_i`` in place, the B GEMM accumulating straight into `y` (one ``addmm_``, no
@@ -110,22 +117,42 @@ class StackedLoraLinear(WrappedLinear):
         y.view(-1, y.shape[-1]).addmm_(hg.reshape(-1, hg.shape[-1]), self.B_cat.t())
         return y
 
-    def fused_weight(self) -> torch.Tensor:
-        """``[W; A_cat]`` (d_out + N·r, d_in): base and expert projections as one GEMM (see `fused_forward`).
-        A copy of W: meant for benchmarks and serving stacks that own their weights, not for the live model."""
-        return torch.cat([self.base.weight, self.A_cat.to(self.base.weight.dtype)], dim=0)
+    def single_delta(self, x: torch.Tensor, expert: int, scale: float = 1.0) -> torch.Tensor:
+        """``scale · s_i B_i A_i x`` for expert i alone, from its own r_i ranks only (two thin GEMMs)."""
+        r = self.ranks[expert]
+        return scale * F.linear(F.linear(x, self.A[expert, :r]), self.B[expert, :, :r])
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.project(x)
-        if self.controller is not None:
-            return self.base(x) + self.controller(self, x, h)
-        gates = self.gate_fn(self, x, h) if self.gate_fn is not None else self.gates
+    def gated_forward(self, x: torch.Tensor, h: torch.Tensor, gates: torch.Tensor | None) -> torch.Tensor:
+        """``W x + Σ_i g_i Δh_i`` from the rank activations `h`: the B GEMM accumulates into the base output in
+        place (`combine_into`) unless autograd records (or the base output is not contiguous)."""
         y = self.base(x)
         if not y.is_contiguous() or torch.is_grad_enabled() and (
             y.requires_grad or h.requires_grad or (gates is not None and gates.requires_grad)
         ):
             return y + self.combine(h, gates)  # autograd-safe out-of-place path
         return self.combine_into(y, h, gates)
+
+    def fused_weight(self) -> torch.Tensor:
+        """``[W; A_cat]`` (d_out + N·r, d_in): base and expert projections as one GEMM (see `fused_forward`).
+        A copy of W: meant for benchmarks and serving stacks that own their weights, not for the live model."""
+        return torch.cat([self.base.weight, self.A_cat.to(self.base.weight.dtype)], dim=0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.mix is not None:
+            return self.mix(self, x)
+        h = self.project(x)
+        if self.controller is not None:
+            return self.base(x) + self.controller(self, x, h)
+        return self.gated_forward(x, h, self.gate_fn(self, x, h) if self.gate_fn is not None else self.gates)
+
+
+def _gate_view(gates: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    """Gates (N,), (batch, N) or (batch, seq, N) as (…, N, 1) in h's dtype, broadcasting against h viewed as
+    (…, N, r); per-row gates (batch, N) broadcast over every dimension of h between the batch and the ranks."""
+    g = gates.to(h.dtype)
+    if g.dim() == 2 and h.dim() > 2:
+        g = g.view(g.shape[0], *[1] * (h.dim() - 2), g.shape[1])
+    return g.unsqueeze(-1)
 
 
 def fused_forward(x: torch.Tensor, w_cat: torch.Tensor, B_cat: torch.Tensor, gates: torch.Tensor | None,
@@ -144,10 +171,7 @@ def fused_forward(x: torch.Tensor, w_cat: torch.Tensor, B_cat: torch.Tensor, gat
     flat = out.view(-1, out.shape[-1])
     h = out[..., d_out:]
     if gates is not None:
-        g = gates.to(out.dtype)
-        if g.dim() == 2 and h.dim() == 3:
-            g = g.unsqueeze(1)
-        h = h.unflatten(-1, (n_experts, rank)) * g.unsqueeze(-1)
+        h = h.unflatten(-1, (n_experts, rank)) * _gate_view(gates, h)
     flat[:, :d_out].addmm_(h.reshape(-1, n_experts * rank), B_cat.t())
     if bias is not None:
         flat[:, :d_out].add_(bias)
@@ -169,7 +193,7 @@ def stacked_experts(model: nn.Module, pool: ExpertPool) -> Iterator[dict[str, St
         for path in pool.module_names:
             parent, child = _parent(model, path)
             base = getattr(parent, child)
-            stacked = StackedLoraLinear(base, [adapter.modules[path] for adapter in pool])
+            stacked = StackedLoraLinear(base, [adapter.modules[path] for adapter in pool], path)
             setattr(parent, child, stacked)
             layers[path] = stacked
         order = {name: i for i, (name, _) in enumerate(model.named_modules())}

@@ -1,6 +1,6 @@
 """`method=mole_diffusion`: MoLE (Mixture of LoRA Experts, Wu et al. 2024) on the diffusion UNet / text encoder.
 
-Frozen experts, all N computed as one stacked LoRA per layer (`bench.diffusion.ExpertsLinear`). A learnable gate per
+Frozen experts, all N computed as one stacked LoRA per layer (`bench.stacked.StackedLoraLinear`). A learnable gate per
 block (``granularity: block``: one per attention module, ``attn1`` / ``attn2`` / ``self_attn``; ``layer``: one per
 LoRA'd linear layer). A gate reads the experts' outputs ``s_i B_i A_i x`` of its block's leading layer (``to_q`` /
 ``q_proj``, the first one the block runs), mean-pooled over tokens, each unit-normalized, concatenated (N·d) ->
@@ -57,7 +57,7 @@ class Gate(torch.nn.Module):
 
 
 class MoleGates(torch.nn.Module):
-    """The gates of every block of a model whose LoRA layers are `ExpertsLinear` (an `ExpertMix`'s layers)."""
+    """The gates of every block of a model whose LoRA layers are stacked (an `ExpertMix`'s `StackedLoraLinear`s)."""
 
     def __init__(self, mix, root: torch.nn.Module, granularity: str, tau_init: float = 1.0,
                  tau_range: tuple[float, float] = (1.0, 3.0)) -> None:
@@ -70,7 +70,7 @@ class MoleGates(torch.nn.Module):
         self.leader = {block: _leader(paths) for block, paths in members.items()}
         self.keys = {block: f"g{i}" for i, block in enumerate(sorted(members))}
         self.gates = torch.nn.ModuleDict({
-            self.keys[block]: Gate(self.n, mix.layers[leader].B.shape[0], tau_init, tau_range)
+            self.keys[block]: Gate(self.n, mix.layers[leader].out_features, tau_init, tau_range)
             for block, leader in self.leader.items()
         })
         self.mask: torch.Tensor | None = None
@@ -78,7 +78,8 @@ class MoleGates(torch.nn.Module):
         self._cache: dict[str, torch.Tensor] = {}
 
     def weights(self, layer, h: torch.Tensor) -> torch.Tensor:
-        """The gate callable of `ExpertMix.gated`: (batch, N) weights for `layer` given ``h = A x``."""
+        """The gate callable of `ExpertMix.gated`: (batch, N) weights for `layer` given its rank activations
+        ``h = A_cat x``."""
         block = self.block_of[layer.path]
         if layer.path != self.leader[block]:
             if block not in self._cache:

@@ -105,3 +105,39 @@ def test_gate_fn_supplies_gates():
     with torch.no_grad():
         torch.testing.assert_close(layer(x), reference(base, experts, x, gates), rtol=1e-12, atol=1e-12)
     assert seen == [(2, 5, 2 * 4)]
+
+
+# ---- the diffusion modes (bench.diffusion.ExpertMix) drive the same layer ---------------------------------
+from bench.diffusion import ExpertMix  # noqa: E402
+
+
+def _pool_outputs(experts, x):
+    """Each expert's output mean-pooled over every dimension between batch and features: (batch, N, d_out)."""
+    return torch.stack([(m.scale * (x @ m.A.T) @ m.B.T).flatten(1, -2).mean(1) for m in experts], 1)
+
+
+@pytest.mark.parametrize("mode", ["off", "only", "weighted_layer", "weighted_row", "gated"])
+@pytest.mark.parametrize("shape", [(3, 7), (3, 2, 4)])
+def test_expert_mix_modes_equal_loop(mode, shape):
+    """Experts of different ranks (2, 5, 3: the first padded), tokens (B, L, C) or spatial (B, H, W, C) inputs."""
+    base, experts, layer = _layer([2, 5, 3], seed=1)
+    mix = ExpertMix(["e0", "e1", "e2"], {"layer": layer})
+    x = torch.randn(*shape, 12).double()
+    n, batch, middle = 3, shape[0], [1] * (len(shape) - 1)
+    if mode == "off":
+        mix.off()
+        ref = torch.zeros(n).double()
+    elif mode == "only":
+        mix.only(0, 0.7)  # a rank-2 expert: its own slice of the padded factors
+        ref = 0.7 * torch.nn.functional.one_hot(torch.tensor(0), n).double()
+    elif mode == "weighted_layer":
+        mix.weighted(torch.rand(n).double())
+        ref = mix.weights
+    elif mode == "weighted_row":
+        mix.weighted(torch.rand(batch, n).double())
+        ref = mix.weights.view(batch, *middle, n)
+    else:
+        mix.gated(lambda lyr, h: lyr.expert_outputs(h.flatten(1, -2).mean(1)).sum(-1).softmax(-1))
+        ref = _pool_outputs(experts, x).sum(-1).softmax(-1).view(batch, *middle, n)
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), reference(base, experts, x, ref), rtol=1e-12, atol=1e-12)

@@ -2,7 +2,7 @@
 
 One denoising step = the UNet call(s) on the classifier-free-guidance batch (latents ×2) + guidance + one
 DPM-Solver++ scheduler step, with N random LoRA experts (rank ``--rank`` on to_q/to_k/to_v/to_out.0) stacked in
-`bench.diffusion.ExpertsLinear` layers, exactly as the methods run them:
+`bench.stacked.StackedLoraLinear` layers (`bench.diffusion.stack_experts`), exactly as the methods run them:
   merge      one call, batch 2, all experts mixed with weights 1/N (linear arithmetic kept as LoRA)
   switch     one call, batch 2, one expert (LoRA Switch)
   serial     N calls, batch 2, one expert each (LoRA Composite, serial form)
