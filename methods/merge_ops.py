@@ -7,8 +7,8 @@ sent to. The steps are peft's `peft.utils.merge_utils` (`magnitude_based_pruning
 each step is one tensor op for all experts:
 
 - trim: per expert, keep the magnitudes at least the ``int(density · numel)``-th largest (its value from
-  `torch.topk` on each row of the stacked tensor): peft's top-k set, except that entries tying at the
-  threshold are all kept where topk keeps an arbitrary subset;
+  a Triton radix select on a GPU, `torch.topk` elsewhere; the same value): peft's top-k set, except that
+  entries tying at the threshold are all kept where topk keeps an arbitrary subset;
 - drop (DARE): per expert, a Bernoulli(density) mask drawn with ``torch.bernoulli(full_like(Δ_i, density))``
   from a generator seeded per module (`module_seed`), in expert order: exactly the draws peft's
   `random_pruning` makes after ``torch.manual_seed(module_seed(...))``, on CPU and GPU alike; the 1/density
@@ -16,10 +16,11 @@ each step is one tensor op for all experts:
 - elect (TIES): the majority sign per entry from the sum (``total``) or the count (``frequency``) of the
   pruned experts' signs; disjoint merge: the weighted sum of the agreeing entries divided by their count.
 
-`tests/test_merges.py` checks each kind against peft's functions given the same inputs and seed. On a GPU,
-`merge_stacked(fused=True)` runs everything after the selection (trim, drop, elect, merge) as compiled
-kernels that read the stacked deltas once or twice instead of the ~10 passes of the eager ops
-(`bench.perf.merge` checks it against the eager path on the device before timing it).
+`tests/test_merges.py` checks each kind against peft's functions given the same inputs and seed. On a GPU
+(wherever Triton runs), `merge_stacked` runs everything after the selection (trim, drop, elect, merge) as
+one Triton kernel that reads the stacked deltas once instead of the ~10 passes of the eager ops
+(`methods.triton_merge`; tested against the eager ops under Triton's interpreter, and checked again on
+the device by `bench.perf.merge` before timing).
 Experts are put in name order first, so results do not depend on pool order (nor do DARE's masks).
 """
 
@@ -33,6 +34,7 @@ import torch
 from bench.adapters import LoraAdapter, LoraModule
 from bench.errors import ConfigError
 from bench.pool import ExpertPool
+from methods import triton_merge
 from methods.base import Composed, FitContext, FitReport, Method, Timer
 from methods.linear import resolve_weights
 
@@ -115,13 +117,17 @@ def trim_thresholds(stacked: torch.Tensor, density: float, magnitudes: torch.Ten
     """Per expert, the ``k = int(density · numel)``-th largest magnitude (+inf when k = 0), shaped to
     broadcast against `stacked`: keeping ``|x| ≥ τ`` keeps exactly the entries `torch.topk` keeps (peft's
     `magnitude_based_pruning`) unless magnitudes tie at τ, where all tied entries are kept (topk would
-    keep an arbitrary, device-dependent subset of them). `torch.topk` beat the exact alternatives tried on
-    an H100 (a bincount radix select 12× slower, a sample-and-band select 3.4×; results/perf/merge_stages-gpu.md)."""
-    a = (stacked.abs() if magnitudes is None else magnitudes).reshape(stacked.shape[0], -1)
-    k = int(density * a.shape[1])
+    keep an arbitrary, device-dependent subset of them). Where Triton runs (CUDA), τ comes from a radix
+    select (`methods.triton_merge`: three 5-bit histogram passes for 16-bit floats, bit-identical to topk's k-th value);
+    elsewhere from `torch.topk` on `magnitudes` (``stacked.abs()`` when not given)."""
+    rows = stacked.reshape(stacked.shape[0], -1)
+    k = int(density * rows.shape[1])
     if k == 0:
-        tau = torch.full((a.shape[0],), float("inf"), dtype=a.dtype, device=a.device)
+        tau = torch.full((rows.shape[0],), float("inf"), dtype=rows.dtype, device=rows.device)
+    elif triton_merge.available(rows):
+        tau = triton_merge.kth_largest_magnitude(rows, k)
     else:
+        a = (stacked.abs() if magnitudes is None else magnitudes).reshape(rows.shape)
         tau = a.topk(k, dim=1, sorted=False).values.amin(1)
     return _per_expert(tau, stacked)
 
@@ -152,46 +158,16 @@ def disjoint_merge_(stacked: torch.Tensor, weights: torch.Tensor, majority_sign_
     return weighted_sum(agreeing, weights).mul_(majority).div_(count)
 
 
-def _fused_tail(stacked: torch.Tensor, weights: torch.Tensor, tau: torch.Tensor | None, mask: torch.Tensor | None,
-                disjoint: bool, total: bool) -> torch.Tensor:
-    """Trim/drop + combine as elementwise ops and reductions over the expert axis only, written for
-    `torch.compile` to fuse into one or two passes over the stacked deltas (the eager path of
-    `merge_stacked` computes the same, op by op)."""
-    x = stacked
-    if tau is not None:
-        x = torch.where(x.abs() >= tau, x, 0.0)
-    if mask is not None:
-        x = x * mask
-    w = _per_expert(weights.to(x.dtype), x)
-    if not disjoint:
-        return (x * w).sum(0)
-    elected = x.sum(0) if total else torch.sign(x).sum(0)
-    majority = torch.where(elected >= 0, 1.0, -1.0).to(x.dtype)
-    agree = x * majority > 0
-    count = agree.sum(0).clamp(min=1).to(x.dtype)
-    return torch.where(agree, x * w, 0.0).sum(0) / count
-
-
-_compiled_tail = None
-
-
-def fused_tail(*args) -> torch.Tensor:
-    """`_fused_tail` compiled once (dynamic shapes) on first use; compilation errors propagate."""
-    global _compiled_tail
-    if _compiled_tail is None:
-        _compiled_tail = torch.compile(_fused_tail, dynamic=True)
-    return _compiled_tail(*args)
-
-
 def merge_stacked(stacked: torch.Tensor, weights: Sequence[float] | torch.Tensor, kind: str, density: float = 1.0,
                   majority_sign_method: str = "total", generator: torch.Generator | None = None,
-                  fused: bool = False) -> torch.Tensor:
+                  fused: bool | None = None) -> torch.Tensor:
     """Merge the stacked deltas ``(N, ...)`` of one module with `kind` (one of `KINDS`); consumes `stacked`.
 
     density 1 skips pruning (as peft's `prune` does). DARE kinds draw their masks from `generator`; their
     1/density rescale is folded into the weights (a positive factor changes no sign election).
-    ``fused=True`` runs everything after the topk / the Bernoulli draws as compiled kernels
-    (`fused_tail`; same results up to rounding)."""
+    `fused`: run everything after the thresholds / the Bernoulli draws as one Triton kernel
+    (`triton_merge.merge_tail`; same results up to rounding) instead of the eager ops; None: wherever
+    Triton runs (CUDA)."""
     if kind not in KINDS:
         raise ConfigError(f"unknown merge kind {kind!r}; expected one of {KINDS}")
     if majority_sign_method not in SIGN_METHODS:
@@ -202,10 +178,12 @@ def merge_stacked(stacked: torch.Tensor, weights: Sequence[float] | torch.Tensor
     if dropping:
         w = w / density
     disjoint = kind in ("ties", "dare_ties")
-    if fused:
-        tau = trim_thresholds(stacked, density) if trimming else None
+    if (triton_merge.available(stacked) if fused is None else fused):
+        n = stacked.shape[0]
+        tau = trim_thresholds(stacked, density).reshape(n) if trimming else None
         mask = dare_masks(stacked, density, generator) if dropping else None
-        return fused_tail(stacked, w, tau, mask, disjoint, majority_sign_method == "total")
+        merged = triton_merge.merge_tail(stacked.reshape(n, -1), w, tau, mask, disjoint, majority_sign_method == "total")
+        return merged.view(stacked.shape[1:])
     if trimming:
         magnitudes = stacked.abs()
         stacked.mul_(magnitudes >= trim_thresholds(stacked, density, magnitudes))
@@ -218,7 +196,7 @@ def merge_stacked(stacked: torch.Tensor, weights: Sequence[float] | torch.Tensor
 def merge_module(adapters: Sequence[LoraAdapter], weights: Sequence[float], module: str, kind: str,
                  density: float = 1.0, majority_sign_method: str = "total", generator: torch.Generator | None = None,
                  dtype: torch.dtype = torch.float32, device: torch.device | str | None = None,
-                 fused: bool = False) -> torch.Tensor:
+                 fused: bool | None = None) -> torch.Tensor:
     """The merged dense ΔW ``(d_out, d_in)`` of one module, experts taken in the order given."""
     A, B = stack_factors(adapters, module, dtype, device)
     return merge_stacked(expert_deltas(A, B), weights, kind, density, majority_sign_method, generator, fused)

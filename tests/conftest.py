@@ -18,6 +18,10 @@ CACHE = Path(os.environ.get("BENCH_CACHE_DIR", ROOT / ".cache"))
 DATA_ROOT = ROOT.parent / "shared" / "data"
 # The tiny test models run fastest on one thread (and do not thrash a shared 2-core runner).
 torch.set_num_threads(1)
+# Without a GPU, Triton kernels are built for Triton's CPU interpreter (chosen before Triton is first
+# imported); they run on CPU tensors only where a test asks (tests/test_triton_merge.py).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 def model_cfg(name: str):

@@ -20,9 +20,12 @@ dtype (bf16 on a GPU, fp32 on CPU; `--dtype`). Operations, each over the whole s
   float64). Time only, and only for N ≤ 8 (224 small float64 SVDs of size N·r are latency-bound on a GPU
   and would dominate the run's time budget at N = 32).
 
-Dense merges run ``fused`` on a GPU (`merge_stacked(fused=True)`: everything after the topk / the
-Bernoulli draws as `torch.compile`d kernels), checked against the eager path on one module of each shape
-first (the error lands in the metadata); at N = 8 the eager path is timed too. Without a working
+Dense merges run ``fused`` where Triton runs (`merge_stacked`'s default: everything after the threshold /
+the Bernoulli draws as one Triton kernel, `methods.triton_merge.merge_tail`), checked against the eager
+ops on one module of each shape first (the error lands in the metadata); at N = 8 the eager ops are timed
+too. The TIES / magnitude-prune thresholds come from the Triton radix select where it runs; the metadata
+records which selection ran and whether its thresholds equal `torch.topk`'s bit for bit on every module
+shape. Without a working
 compiler they fall back to eager and the metadata says why.
 
 ``--stages`` times instead each step of the dense merges on the stack's largest module (d_out × d_in = ffn × d)
@@ -44,7 +47,8 @@ import torch
 from bench.adapters import LoraAdapter, LoraModule
 from bench.perf.common import copy_bandwidth, pick_device, time_fn, write_results
 from methods.linear import concat_merge
-from methods.merge_ops import (dare_masks, expert_deltas, fold_loras_, fused_tail, merge_module, module_generator,
+from methods import triton_merge
+from methods.merge_ops import (dare_masks, expert_deltas, fold_loras_, merge_module, merge_stacked, module_generator,
                                stack_factors, trim_thresholds)
 from methods.svd import svd_merge
 
@@ -124,7 +128,7 @@ def dense_merge(op: str, pool: list[LoraAdapter], module: str, W: torch.Tensor, 
 
 
 def fused_error(op: str, pool: list[LoraAdapter], weights: dict[str, torch.Tensor]) -> float:
-    """Largest |fused − eager| / max |eager| over one module of each shape (compiles the fused kernels)."""
+    """Largest |fused − eager| / max |eager| over one module of each shape (compiles the Triton kernels)."""
     firsts = {tuple(W.shape): name for name, W in reversed(list(weights.items()))}
     err = 0.0
     for name in firsts.values():
@@ -172,7 +176,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p = stack_parser("python -m bench.perf merge", __doc__.split("\n")[0])
     p.add_argument("--ops", default=",".join(OPS), help=f"comma-separated subset of {OPS}")
     p.add_argument("--fused", choices=["auto", "on", "off"], default="auto",
-                   help="dense merges through the compiled tail (auto: on a GPU); eager rows at N=8 for comparison")
+                   help="dense merges through the Triton tail (auto: where Triton runs); eager rows at N=8 for comparison")
     p.add_argument("--stages", action="store_true", help="time each step of the dense merges on the largest module")
     return p.parse_args(argv)
 
@@ -188,6 +192,26 @@ def stack_settings(args: argparse.Namespace) -> tuple:
     return device, gpu, layers, d, ffn, ns, DTYPES[args.dtype or ("bf16" if gpu else "fp32")]
 
 
+def topk_thresholds(stacked: torch.Tensor, density: float) -> torch.Tensor:
+    """The per-expert k-th largest magnitude by `torch.topk`: the reference and the baseline of the radix select."""
+    a = stacked.abs().reshape(stacked.shape[0], -1)
+    return a.topk(int(density * a.shape[1]), dim=1, sorted=False).values.amin(1)
+
+
+def threshold_check(pool: list[LoraAdapter], weights: dict[str, torch.Tensor], device: torch.device) -> dict:
+    """Which selection `trim_thresholds` uses here, and whether its thresholds equal topk's, bit for bit,
+    on each module shape at densities 0.2 and 0.5."""
+    same = True
+    for module in {tuple(w.shape): name for name, w in weights.items()}.values():
+        A, B = stack_factors(pool, module, weights[module].dtype, device)
+        stacked = expert_deltas(A, B)
+        for density in (0.2, 0.5):
+            same &= torch.equal(trim_thresholds(stacked, density).flatten(), topk_thresholds(stacked, density))
+    rows = stacked.reshape(stacked.shape[0], -1)
+    return {"threshold": "radix select (Triton)" if triton_merge.available(rows) else "torch.topk",
+            "threshold_equals_topk": bool(same)}
+
+
 def stage_rows(pool: list[LoraAdapter], weights: dict[str, torch.Tensor], device: torch.device) -> list[dict]:
     """Each step of the dense merges on the largest module, timed alone (see the module docstring)."""
     module = max(weights, key=lambda name: weights[name].numel())
@@ -199,18 +223,25 @@ def stage_rows(pool: list[LoraAdapter], weights: dict[str, torch.Tensor], device
     tau = trim_thresholds(stacked, 0.2)
     mask = dare_masks(stacked, 0.5, module_generator(0, module, device))
     ones = torch.ones(n, dtype=torch.float64, device=device)
+    rows2d, tau2d = stacked.reshape(n, -1), tau.reshape(n)
     steps = {
         "stack factors": lambda: stack_factors(pool, module, W.dtype, device),
         "deltas (bmm)": lambda: expert_deltas(A, B),
-        "threshold (topk)": lambda: trim_thresholds(stacked, 0.2),
+        "threshold (merge_ops.trim_thresholds)": lambda: trim_thresholds(stacked, 0.2),
+        "threshold: torch.topk (before)": lambda: topk_thresholds(stacked, 0.2),
         "dare masks: bool": lambda: dare_masks(stacked, 0.5, module_generator(0, module, device)),
-        "dare masks: bool -> float (≈ before)": lambda: dare_masks(stacked, 0.5, module_generator(0, module, device)).to(W.dtype),
-        "tail: ties (fused)": lambda: fused_tail(stacked, ones, tau, None, True, True),
-        "tail: dare_linear (fused)": lambda: fused_tail(stacked, ones / n, None, mask, False, True),
-        "tail: dare_ties (fused)": lambda: fused_tail(stacked, ones, None, mask, True, True),
+    }
+    if triton_merge.available(stacked):
+        steps.update({
+            "tail: ties (Triton)": lambda: triton_merge.merge_tail(rows2d, ones, tau2d, None, True, True),
+            "tail: dare_linear (Triton)": lambda: triton_merge.merge_tail(rows2d, ones / n, None, mask, False, True),
+            "tail: dare_ties (Triton)": lambda: triton_merge.merge_tail(rows2d, ones, None, mask, True, True),
+        })
+    steps.update({
+        "tail: ties (eager ops, before)": lambda: merge_stacked(stacked.clone(), ones, "ties", 0.2, fused=False),
         "W += dW": lambda: W.add_(stacked[0]),
         "copy of the deltas (reference)": lambda: stacked.clone(),
-    }
+    })
     rows = []
     for name, fn in steps.items():
         t = time_fn(fn, device, warmup=2, repeat=5)
@@ -234,19 +265,19 @@ def main(argv: list[str] | None = None) -> None:
     unknown = set(ops) - set(OPS)
     if unknown:
         raise SystemExit(f"unknown ops {sorted(unknown)}; choose from {OPS}")
-    fused = args.fused == "on" or (args.fused == "auto" and gpu)
     shapes = stack_shapes(layers, d, ffn)
     copy_bps = copy_bandwidth(device)
     weights = base_weights(shapes, dtype, device)
-    rows, fused_errors, fused_note = [], {}, "off"
+    fused = args.fused == "on" or (args.fused == "auto" and triton_merge.available(next(iter(weights.values()))))
+    rows, fused_errors, fused_note, thresholds = [], {}, "off", {}
     for n in ns:
         pool = synthetic_pool(n, shapes, args.rank, dtype, device, seed=n)
-        if fused and not fused_errors:  # compile and check against the eager path once, on the device
-            try:
-                fused_errors = {op: fused_error(op, pool, weights) for op in ops if op in DENSE_OPS}
-                fused_note = "on (torch.compile of merge_ops._fused_tail)"
-            except Exception as exc:  # no Triton / compiler: measure the eager path only
-                fused, fused_note = False, f"unavailable: {type(exc).__name__}: {str(exc)[:300]}"
+        if not thresholds and any(op in ("ties", "magnitude_prune") for op in ops):
+            thresholds = threshold_check(pool, weights, device)
+            print(f"thresholds: {thresholds}", flush=True)
+        if fused and not fused_errors:  # compile and check against the eager ops once, on the device
+            fused_errors = {op: fused_error(op, pool, weights) for op in ops if op in DENSE_OPS}
+            fused_note = "on (Triton: methods.triton_merge.merge_tail)"
             print(f"fused: {fused_note}; max rel. error vs eager {fused_errors}", flush=True)
         for op in ops:
             if op == "svd" and n > SVD_MAX_N:
@@ -273,7 +304,7 @@ def main(argv: list[str] | None = None) -> None:
             torch.cuda.empty_cache()
     meta = {"layers": layers, "d": d, "ffn": ffn, "modules": len(shapes), "rank": args.rank,
             "dtype": str(dtype).removeprefix("torch."), "densities": DENSE_OPS, "fused": fused_note,
-            "fused_max_rel_error_vs_eager": fused_errors,
+            "fused_max_rel_error_vs_eager": fused_errors, **thresholds,
             "bytes_counted": {"fold_linear": "2·|W| (W read + written) + factors read",
                               "dense merges": "(N + 2)·|W|: N dense deltas written once + W read and written",
                               "cat, svd": "not counted (time only)"},
