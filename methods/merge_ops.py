@@ -127,9 +127,14 @@ def trim_thresholds(stacked: torch.Tensor, density: float, magnitudes: torch.Ten
     elif triton_merge.available(rows):
         tau = triton_merge.kth_largest_magnitude(rows, k)
     else:
-        a = (stacked.abs() if magnitudes is None else magnitudes).reshape(rows.shape)
-        tau = a.topk(k, dim=1, sorted=False).values.amin(1)
+        tau = topk_kth_largest((stacked.abs() if magnitudes is None else magnitudes).reshape(rows.shape), k)
     return _per_expert(tau, stacked)
+
+
+def topk_kth_largest(rows: torch.Tensor, k: int) -> torch.Tensor:
+    """The k-th largest value of each row of `rows` (R, M) by `torch.topk`: the threshold without Triton,
+    and the reference and baseline of the radix select."""
+    return rows.topk(k, dim=1, sorted=False).values.amin(1)
 
 
 def dare_masks(stacked: torch.Tensor, density: float, generator: torch.Generator | None) -> torch.Tensor:

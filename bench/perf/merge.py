@@ -25,8 +25,7 @@ the Bernoulli draws as one Triton kernel, `methods.triton_merge.merge_tail`), ch
 ops on one module of each shape first (the error lands in the metadata); at N = 8 the eager ops are timed
 too. The TIES / magnitude-prune thresholds come from the Triton radix select where it runs; the metadata
 records which selection ran and whether its thresholds equal `torch.topk`'s bit for bit on every module
-shape. Without a working
-compiler they fall back to eager and the metadata says why.
+shape. Without Triton they run the eager ops only (metadata ``fused: off``).
 
 ``--stages`` times instead each step of the dense merges on the stack's largest module (d_out × d_in = ffn × d)
 at the largest N, next to the alternatives they replaced, with the time each step would take over the whole
@@ -49,7 +48,7 @@ from bench.perf.common import copy_bandwidth, pick_device, time_fn, write_result
 from methods.linear import concat_merge
 from methods import triton_merge
 from methods.merge_ops import (dare_masks, expert_deltas, fold_loras_, merge_module, merge_stacked, module_generator,
-                               stack_factors, trim_thresholds)
+                               stack_factors, topk_kth_largest, trim_thresholds)
 from methods.svd import svd_merge
 
 FULL = dict(layers=32, d=4096, ffn=11008, n=[2, 8, 32])
@@ -193,9 +192,9 @@ def stack_settings(args: argparse.Namespace) -> tuple:
 
 
 def topk_thresholds(stacked: torch.Tensor, density: float) -> torch.Tensor:
-    """The per-expert k-th largest magnitude by `torch.topk`: the reference and the baseline of the radix select."""
+    """The per-expert k-th largest magnitude by `torch.topk` (`merge_ops.topk_kth_largest`)."""
     a = stacked.abs().reshape(stacked.shape[0], -1)
-    return a.topk(int(density * a.shape[1]), dim=1, sorted=False).values.amin(1)
+    return topk_kth_largest(a, int(density * a.shape[1]))
 
 
 def threshold_check(pool: list[LoraAdapter], weights: dict[str, torch.Tensor], device: torch.device) -> dict:
@@ -238,7 +237,8 @@ def stage_rows(pool: list[LoraAdapter], weights: dict[str, torch.Tensor], device
             "tail: dare_ties (Triton)": lambda: triton_merge.merge_tail(rows2d, ones, None, mask, True, True),
         })
     steps.update({
-        "tail: ties (eager ops, before)": lambda: merge_stacked(stacked.clone(), ones, "ties", 0.2, fused=False),
+        "ties from the deltas, eager ops (clone + threshold + tail)":
+            lambda: merge_stacked(stacked.clone(), ones, "ties", 0.2, fused=False),
         "W += dW": lambda: W.add_(stacked[0]),
         "copy of the deltas (reference)": lambda: stacked.clone(),
     })
