@@ -1,9 +1,11 @@
-"""`python -m bench.train_experts profile=P [experts=..]` (`make experts PROFILE=P`): train the profile's expert
-pool unless its cache is complete and current (`force=true` retrains)."""
+"""`python -m bench.train_experts profile=P [experts=..]` (`make experts PROFILE=P`): train the experts of the
+profile's pool that are missing or stale (per expert: see `bench.experts`); current ones are kept
+(`force=true` retrains every expert)."""
 
 from __future__ import annotations
 
 import logging
+import time
 
 import hydra
 from omegaconf import DictConfig
@@ -27,15 +29,17 @@ def main(cfg: DictConfig) -> None:
     if cfg.experts.get("domain", "nlp") == "vl":
         load_pool(cfg.experts, model, data_root)  # trains what is missing
         return
-    problem = "force=true" if cfg.force else pool_problem(cfg.experts, model)
+    problem = "force=true" if cfg.force else pool_problem(cfg.experts, model, data_root)
     if problem is None:
         log.info("expert pool %s is complete at %s; nothing to do", cfg.experts.name, cfg.experts.dir)
         return
     log.info("training expert pool %s (%s)", cfg.experts.name, problem)
-    manifest = train_pool(cfg.experts, model, data_root)
+    started = time.strftime("%Y-%m-%dT%H:%M:%S")
+    manifest = train_pool(cfg.experts, model, data_root, force=bool(cfg.force))
     for row in manifest["experts"]:
-        log.info("  %-22s base %.3f -> expert %.3f (n=%d, %.0fs)", row["name"], row["base_score"],
-                 row["expert_score"], row["n_eval"], row["seconds"])
+        status = "trained" if row.get("created", "") >= started else "kept"
+        log.info("  %-22s base %.3f -> expert %.3f (n=%d, %.0fs, %s)", row["name"], row["base_score"],
+                 row["expert_score"], row["n_eval"], row["seconds"], status)
 
 
 if __name__ == "__main__":

@@ -3,6 +3,10 @@
 Every example is a pure function of (family, split, index), so the sets are identical on every machine.
 Each family has a fixed eval set (`eval_size`), a fit pool (`fit_pool_size`) and an unlimited stream of
 training examples; fit and training examples that coincide with an eval input are dropped.
+
+`scratchpad`: families whose examples carry a step-by-step completion ending in "So the answer is <answer>."
+(teacher-forced in training; the answer is read after "the answer is", with `scratchpad_max_new_tokens`). Their
+inputs and targets are the same as without it. Families with a scratchpad: those in `SCRATCHPADS`.
 """
 
 from __future__ import annotations
@@ -11,10 +15,14 @@ import random
 from functools import lru_cache
 from typing import Callable
 
+from bench.errors import ConfigError
 from bench.registry import register_task
 from tasks.base import Example, GenerativeTask
 
 Generator = Callable[[random.Random], tuple[str, str]]
+# (question, answer, step-by-step completion ending in "So the answer is <answer>."), drawing from the rng exactly
+# as the family's generator does
+ScratchpadGenerator = Callable[[random.Random], tuple[str, str, str]]
 
 WORDS = (
     "apple banana cherry delta echo falcon garden harbor island jungle kettle lemon mango nectar orbit "
@@ -46,13 +54,28 @@ def boolean_expressions(rng: random.Random) -> tuple[str, str]:
     return f"{text} is", str(eval(text))  # noqa: S307 - our own generated boolean literal expression
 
 
-def multistep_arithmetic(rng: random.Random) -> tuple[str, str]:
-    def term() -> str:
-        a, b = rng.randint(-9, 9), rng.randint(-9, 9)
-        return f"({a} {rng.choice('+-*')} {b})"
+_OPS: dict[str, Callable[[int, int], int]] = {"+": lambda x, y: x + y, "-": lambda x, y: x - y, "*": lambda x, y: x * y}
 
-    text = f"({term()} {rng.choice('+-*')} {term()})"
-    return f"{text} =", str(eval(text))  # noqa: S307 - integers and + - * only
+
+def _multistep_arithmetic(rng: random.Random) -> tuple[str, str, str]:
+    """``((a o1 b) o2 (c o3 d))`` with single-digit signed ints, computed with ints; the draws are in the order
+    of the original generator (a, b, o1, o2, c, d, o3), so questions and answers are unchanged."""
+    a, b = rng.randint(-9, 9), rng.randint(-9, 9)
+    o1 = rng.choice("+-*")
+    o2 = rng.choice("+-*")
+    c, d = rng.randint(-9, 9), rng.randint(-9, 9)
+    o3 = rng.choice("+-*")
+    left, right = _OPS[o1](a, b), _OPS[o3](c, d)
+    answer = _OPS[o2](left, right)
+    text = f"(({a} {o1} {b}) {o2} ({c} {o3} {d}))"
+    steps = (f"{a} {o1} {b} = {left}. {c} {o3} {d} = {right}. {left} {o2} {right} = {answer}. "
+             f"So the answer is {answer}.")
+    return f"{text} =", str(answer), steps
+
+
+def multistep_arithmetic(rng: random.Random) -> tuple[str, str]:
+    question, answer, _ = _multistep_arithmetic(rng)
+    return question, answer
 
 
 def word_sorting(rng: random.Random) -> tuple[str, str]:
@@ -109,8 +132,19 @@ FAMILIES: dict[str, Generator] = {
 }
 
 
-def generate(family: str, namespace: str, index: int) -> Example:
-    question, answer = FAMILIES[family](random.Random(f"{family}:{namespace}:{index}"))
+SCRATCHPADS: dict[str, ScratchpadGenerator] = {
+    "multistep_arithmetic": _multistep_arithmetic,
+}
+
+
+def generate(family: str, namespace: str, index: int, scratchpad: bool = False) -> Example:
+    """Example `index` of `family` in `namespace` (eval, fit, train<seed>); with `scratchpad`, its completion is
+    the family's step-by-step solution (same input and target)."""
+    rng = random.Random(f"{family}:{namespace}:{index}")
+    if scratchpad:
+        question, answer, completion = SCRATCHPADS[family](rng)
+        return Example(question, answer, family, completion)
+    question, answer = FAMILIES[family](rng)
     return Example(question, answer, family)
 
 
@@ -118,11 +152,31 @@ def generate(family: str, namespace: str, index: int) -> Example:
 class AlgorithmicTask(GenerativeTask):
     """Generated BBH-style tasks; also the training data of the smallest expert pools."""
 
+    def __init__(self, cfg, data_root=None) -> None:
+        super().__init__(cfg, data_root)
+        chosen = list(cfg.get("scratchpad") or [])
+        unknown = [f for f in chosen if f not in FAMILIES]
+        if unknown:
+            raise ConfigError(f"task.scratchpad: unknown families {unknown}; known: {list(FAMILIES)}")
+        without = [f for f in chosen if f not in SCRATCHPADS]
+        if without:
+            raise ConfigError(f"task.scratchpad: families {without} have no scratchpad; families with one: "
+                              f"{list(SCRATCHPADS)}")
+        self.scratchpad = frozenset(chosen)
+
     def all_subtasks(self) -> list[str]:
         return list(FAMILIES)
 
     def split(self, subtask: str) -> tuple[list[Example], list[Example]]:
-        return _split(subtask, int(self.cfg.eval_size), int(self.cfg.fit_pool_size))
+        return _split(subtask, int(self.cfg.eval_size), int(self.cfg.fit_pool_size), subtask in self.scratchpad)
+
+    def answer_mode(self, subtask: str) -> str:
+        return "after_answer_is" if subtask in self.scratchpad else super().answer_mode(subtask)
+
+    def max_new_tokens(self, subtask: str) -> int:
+        if subtask in self.scratchpad:
+            return int(self.cfg.get("scratchpad_max_new_tokens", 48))
+        return super().max_new_tokens(subtask)
 
     def prompt(self, example: Example) -> str:
         return self.cfg.prompt_template.format(input=example.input)
@@ -132,7 +186,7 @@ class AlgorithmicTask(GenerativeTask):
         taken = {e.input for e in fit} | {e.input for e in evals}
         out, i = [], 0
         while len(out) < n:
-            example = generate(subtask, f"train{seed}", i)
+            example = generate(subtask, f"train{seed}", i, subtask in self.scratchpad)
             i += 1
             if example.input not in taken:
                 out.append(example)
@@ -142,18 +196,19 @@ class AlgorithmicTask(GenerativeTask):
 
 
 @lru_cache(maxsize=64)
-def _split(family: str, eval_size: int, fit_pool_size: int) -> tuple[list[Example], list[Example]]:
+def _split(family: str, eval_size: int, fit_pool_size: int, scratchpad: bool = False
+           ) -> tuple[list[Example], list[Example]]:
     evals, seen = [], set()
     i = 0
     while len(evals) < eval_size:
-        example = generate(family, "eval", i)
+        example = generate(family, "eval", i, scratchpad)
         i += 1
         if example.input not in seen:
             seen.add(example.input)
             evals.append(example)
     fit, i = [], 0
     while len(fit) < fit_pool_size:
-        example = generate(family, "fit", i)
+        example = generate(family, "fit", i, scratchpad)
         i += 1
         if example.input not in seen:
             seen.add(example.input)

@@ -116,20 +116,34 @@ class Task(ABC):
 
 
 class GenerativeTask(Task):
-    """Greedy generation scored by exact match after answer extraction."""
+    """Greedy generation scored by exact match after answer extraction. The answer format may differ per
+    subtask (a subtask trained on a step-by-step target is read after "the answer is", with a larger
+    generation budget): `answer_mode(subtask)` and `max_new_tokens(subtask)`."""
 
-    def answer_mode(self) -> str:
+    def answer_mode(self, subtask: str) -> str:
+        """How the answer is read from a generation of `subtask` (see `tasks.metrics.extract_answer`)."""
         return self.cfg.get("answer_extraction", "first_line")
 
+    def max_new_tokens(self, subtask: str) -> int:
+        """The generation budget of `subtask`."""
+        return int(self.cfg.max_new_tokens)
+
     def score_examples(self, composed: "Composed", examples: list[Example]) -> tuple[float, list[dict]]:
-        prompts = [self.prompt(e) for e in examples]
-        generations = composed.generate(
-            prompts, max_new_tokens=int(self.cfg.max_new_tokens), batch_size=int(self.cfg.batch_size), progress=True,
-            desc=f"{self.registry_name} {composed.variant}".strip(),
-        )
+        """Exact match over `examples` (one or several subtasks, e.g. a joint fit set). Examples whose subtasks
+        share a generation budget are generated in one call, in their given order; rows keep that order."""
+        budgets = [self.max_new_tokens(e.subtask) for e in examples]
+        generations: list[str | None] = [None] * len(examples)
+        for budget in dict.fromkeys(budgets):  # distinct budgets, first-seen order
+            idx = [i for i, b in enumerate(budgets) if b == budget]
+            outputs = composed.generate(
+                [self.prompt(examples[i]) for i in idx], max_new_tokens=budget, batch_size=int(self.cfg.batch_size),
+                progress=True, desc=f"{self.registry_name} {composed.variant}".strip(),
+            )
+            for i, generation in zip(idx, outputs):
+                generations[i] = generation
         rows = []
         for example, generation in zip(examples, generations):
-            answer = extract_answer(generation, self.answer_mode())
+            answer = extract_answer(generation, self.answer_mode(example.subtask))
             rows.append(
                 {"subtask": example.subtask, "input": example.input, "target": example.target,
                  "generation": generation, "answer": answer, "correct": exact_match(answer, example.target)}

@@ -42,7 +42,7 @@ class BBHTask(GenerativeTask):
     def all_subtasks(self) -> list[str]:
         return list(SUBTASKS)
 
-    def answer_mode(self) -> str:
+    def answer_mode(self, subtask: str) -> str:
         return "after_answer_is" if self.cfg.format == "cot" else self.cfg.get("answer_extraction", "first_line")
 
     def split(self, subtask: str) -> tuple[list[Example], list[Example]]:

@@ -4,7 +4,9 @@ strategyqa), exact match on the final answer (DESIGN §5).
 Data: ``<data_root>/flan_cot/<task>_train.tsv`` (question, answer, rationale; no header; ``\\n`` escaped).
 Splits are fixed by a hash of the question: 10% test (scored), 5% dev (the fit pool), the rest train
 (expert training). `target_format`: `answer` trains and prompts for the bare answer; `cot` trains on
-"<rationale> So the answer is <answer>." and reads the answer after "the answer is".
+"<rationale> So the answer is <answer>." and reads the answer after "the answer is". `cot_subtasks`: subtasks
+that take the `cot` format even when `target_format: answer` (the others stay bare). Subtasks in the `cot` format
+generate up to `cot_max_new_tokens` tokens.
 """
 
 from __future__ import annotations
@@ -54,14 +56,23 @@ class FlanCoTTask(GenerativeTask):
         if cfg.target_format not in FORMATS:
             raise ConfigError(f"task.target_format={cfg.target_format!r}; choose one of {FORMATS}")
         if not data_root:
-            raise ConfigError("task=flan_cot reads <data_root>/flan_cot/*.tsv; set paths.data_root")
+            raise DataError("task=flan_cot reads <data_root>/flan_cot/*.tsv; set paths.data_root")
+        chosen = list(cfg.get("cot_subtasks") or [])
+        unknown = [s for s in chosen if s not in SUBTASKS]
+        if unknown:
+            raise ConfigError(f"task.cot_subtasks: unknown subtasks {unknown}; known: {SUBTASKS}")
+        self.cot_subtasks = frozenset(chosen)
+
+    def is_cot(self, subtask: str) -> bool:
+        """Whether `subtask` is trained on rationales and read after "the answer is"."""
+        return self.cfg.target_format == "cot" or subtask in self.cot_subtasks
 
     def all_subtasks(self) -> list[str]:
         return list(SUBTASKS)
 
     def _splits(self, subtask: str) -> dict[str, list[Example]]:
         splits = load_splits(subtask, str(self.data_root))
-        if self.cfg.target_format == "answer":
+        if not self.is_cot(subtask):
             splits = {k: [Example(e.input, e.target, e.subtask) for e in v] for k, v in splits.items()}
         return splits
 
@@ -69,8 +80,11 @@ class FlanCoTTask(GenerativeTask):
         splits = self._splits(subtask)
         return splits["dev"], splits["test"]
 
-    def answer_mode(self) -> str:
-        return "after_answer_is" if self.cfg.target_format == "cot" else "first_line"
+    def answer_mode(self, subtask: str) -> str:
+        return "after_answer_is" if self.is_cot(subtask) else "first_line"
+
+    def max_new_tokens(self, subtask: str) -> int:
+        return int(self.cfg.get("cot_max_new_tokens", 160)) if self.is_cot(subtask) else super().max_new_tokens(subtask)
 
     def prompt(self, example: Example) -> str:
         return self.cfg.prompt_template.format(input=example.input)

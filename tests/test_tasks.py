@@ -70,7 +70,7 @@ def test_algorithmic_splits_disjoint_and_seeded():
 
 def test_scoring_with_a_perfect_model():
     task = AlgorithmicTask(task_cfg("algorithmic", limit=10), None)
-    answers = {task.prompt(e): e.target for s in task.subtasks() for e in task.eval_examples(s)}
+    answers = {task.prompt(e): e.train_target for s in task.subtasks() for e in task.eval_examples(s)}  # scratchpads too
     scores, predictions = task.evaluate(Echo(lambda p: f" {answers[p]}\nQ: next"), task.subtasks())
     assert all(s.value == 1.0 and s.n == 10 for s in scores) and len(predictions) == 50
 
