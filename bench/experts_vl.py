@@ -46,7 +46,7 @@ def subject_names(experts_cfg, data) -> list[str]:
 
 def pool_problem(experts_cfg, model, data) -> str | None:
     """Why the trained pool in ``experts.dir`` cannot be used as is (None when it is complete and current)."""
-    from bench.experts import manifest_problem
+    from bench.pool_manifest import manifest_problem
 
     problem = manifest_problem(experts_cfg, model.components)
     if problem:

@@ -19,7 +19,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from bench.errors import BenchError, ConfigError
 from bench.records import RECORD_FILE, find_record, git_sha, job_config, job_key, library_versions, write_json_atomic

@@ -18,7 +18,8 @@ register_resolvers()
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
 def main(cfg: DictConfig) -> None:
-    from bench.experts import load_pool, pool_problem, train_pool
+    from bench.experts import load_pool, train_pool
+    from bench.pool_manifest import pool_problem
     from bench.runner import load_model
 
     model = load_model(cfg)

@@ -60,11 +60,11 @@ def expert_examples(adapter, n: int, seed: int) -> list[Example]:
 
 def task_prompt(adapter) -> Callable[[Example], str]:
     """The prompt function of the task `adapter` was trained on (what the expert read in training), from its
-    metadata through ``bench.experts.make_task``; the raw ``example.input`` when that is not available."""
+    metadata through ``bench.pool_manifest.make_task``; the raw ``example.input`` when that is not available."""
     meta = adapter.metadata or {}
     try:
         from bench.config import default_data_root
-        from bench.experts import make_task
+        from bench.pool_manifest import make_task
 
         return make_task(meta["task"], meta.get("task_cfg"), default_data_root()).prompt
     except Exception:  # no task metadata / task not constructible: fall back to the raw input

@@ -11,11 +11,12 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from bench.config import CONF_DIR, PROJECT_ROOT, register_resolvers
+from bench.config import CONF_DIR, register_resolvers
 from bench.errors import ConfigError
-from bench.experts import (
-    backfill_manifest, expert_problem, effective_train, examples_sha256, make_task, plan_pool, pool_problem, read_manifest,
-    stale_experts, train_pool,
+from bench.experts import train_pool
+from bench.pool_manifest import (
+    backfill_manifest, effective_train, examples_sha256, expert_problem, plan_pool, pool_problem,
+    read_manifest, stale_experts,
 )
 from conftest import CONF, DATA_ROOT
 from tasks.algorithmic import FAMILIES, AlgorithmicTask, generate

@@ -11,7 +11,8 @@ import pytest
 from hydra import compose, initialize_config_dir
 
 from bench.config import CONF_DIR, PROJECT_ROOT, register_resolvers
-from bench.experts import load_pool, make_task, manifest_scores
+from bench.experts import load_pool, manifest_scores
+from bench.pool_manifest import make_task
 from bench.runner import load_model, run
 
 pytestmark = pytest.mark.slow
