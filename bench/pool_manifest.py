@@ -44,6 +44,7 @@ log = logging.getLogger(__name__)
 
 
 def make_task(name: str, overrides: DictConfig | dict | None, data_root: str | None) -> Task:
+    """Task `name` from its conf/task YAML with `overrides` (a pool's ``train.task_cfg``) merged on top."""
     from bench.registry import get_task
 
     cfg = OmegaConf.merge(load_group_option("task", name), overrides or {})
@@ -51,6 +52,7 @@ def make_task(name: str, overrides: DictConfig | dict | None, data_root: str | N
 
 
 def expert_names(cfg: DictConfig) -> list[str]:
+    """The experts of a trained pool: one per subtask of ``train.subtasks``, named after it."""
     return [str(s) for s in cfg.train.subtasks]
 
 
