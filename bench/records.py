@@ -27,12 +27,22 @@ VOLATILE_KEYS = ("hydra", "paths", "force", "wandb", "device", "save_composed", 
 LIBRARIES = ("torch", "transformers", "peft", "diffusers", "open_clip_torch", "nevergrad", "lm-eval", "hydra-core")
 
 
+# Where things are on disk rather than what they are: (group, key) left out of a job's key, so a checkout at
+# another path (another machine, a cluster node) finds the same jobs done. A trained pool is defined by its
+# name and training config (its manifest vouches for the files); an adapter list keeps its paths.
+LOCATION_KEYS = (("experts", "dir"), ("experts", "hub_cache"))
+
+
 def job_config(cfg: DictConfig, seeded: bool = True) -> dict:
     """The resolved config that defines a job's result (without the seed when `seeded` is False: a job
-    whose result no seed can change)."""
+    whose result no seed can change), without the volatile keys and the on-disk locations."""
     data = OmegaConf.to_container(cfg, resolve=True)
     volatile = VOLATILE_KEYS if seeded else (*VOLATILE_KEYS, "seed")
-    return {k: v for k, v in data.items() if k not in volatile}
+    out = {k: v for k, v in data.items() if k not in volatile}
+    for group, key in LOCATION_KEYS:
+        if isinstance(out.get(group), dict):
+            out[group] = {k: v for k, v in out[group].items() if k != key}
+    return out
 
 
 def job_key(cfg: DictConfig, seeded: bool = True) -> str:

@@ -78,3 +78,5 @@ def test_a_job_no_seed_can_change_has_one_key_for_every_seed(method, seeded):
     assert (key("seed=0") != key("seed=1")) is seeded
     assert key("seed=0", "experts.n=3") != key("seed=1", "experts.n=3")  # a sampled pool depends on the seed
     assert key("seed=0") != key("seed=0", "task.limit=3")  # anything else still counts
+    assert key("seed=0") == key("seed=0", "experts.dir=/elsewhere/pool")  # where the pool lies is not what it is
+    assert key("seed=0") == key("seed=0", "paths.runs_dir=/elsewhere/runs")
