@@ -1,5 +1,5 @@
 """`python -m bench.train_experts profile=P [experts=..]` (`make experts PROFILE=P`): train the experts of the
-profile's pool that are missing or stale (per expert: see `bench.experts`); current ones are kept
+profile's pool that are missing or stale (per expert: see `bench.pool_manifest`); current ones are kept
 (`force=true` retrains every expert)."""
 
 from __future__ import annotations
