@@ -109,15 +109,11 @@ def _hyper(train: dict | DictConfig) -> dict:
     return {**{k: train.get(k) for k in HYPER_KEYS}, "task_cfg": train.get("task_cfg") or {}}
 
 
-def _example_bytes(example: Example) -> bytes:
-    return f"{example.input}\x00{example.train_target}\x01".encode()
-
-
 def examples_sha256(examples: list[Example]) -> str:
     """The digest recipe of pools and rows: sha256 over ``input NUL train_target SOH`` of each example, in order."""
     digest = hashlib.sha256()
     for e in examples:
-        digest.update(_example_bytes(e))
+        digest.update(f"{e.input}\x00{e.train_target}\x01".encode())
     return digest.hexdigest()
 
 
@@ -191,19 +187,18 @@ def backfill_manifest(manifest: dict, data_root: str | None) -> bool:
     try:
         task_cfg = {**FORMATS_BEFORE_RECORDS, **(recorded.get("task_cfg") or {})}
         task = make_task(recorded["task"], task_cfg, data_root)
-        pool, filled = hashlib.sha256(), []
+        every, filled = [], []
         for row in rows:
             examples = task.train_examples(row["name"], int(recorded["examples"]), int(recorded["seed"]))
             if row.get("train_examples") not in (None, len(examples)) or row.get("steps") not in (None, recorded["steps"]):
                 return False
-            for e in examples:
-                pool.update(_example_bytes(e))
+            every.extend(examples)
             filled.append({"train": _hyper(recorded), "data_sha256": examples_sha256(examples),
                            "eval": eval_format(task, row["name"]), "backfilled": True})
     except (ConfigError, DataError, KeyError) as exc:
         log.warning("manifest of pool %s: per-expert records not backfilled (%s)", manifest.get("pool"), exc)
         return False
-    if pool.hexdigest() != manifest["data_sha256"]:
+    if examples_sha256(every) != manifest["data_sha256"]:
         log.warning("manifest of pool %s: recomputed examples do not reproduce its data_sha256; experts are stale",
                     manifest.get("pool"))
         return False
@@ -287,14 +282,10 @@ def write_manifest(cfg: DictConfig, lm: LanguageModel, base_fp: str, plans: list
     """The manifest of the experts that have rows, in pool order; its pool ``data_sha256`` is one sha256 over
     those experts' examples in that order (for a complete pool: every expert's, as before per-expert rows)."""
     present = [p for p in plans if p.name in rows]
-    digest = hashlib.sha256()
-    for plan in present:
-        for e in plan.examples:
-            digest.update(_example_bytes(e))
     manifest = {
         "pool": cfg.name, "base_model": lm.model_id, "base_fingerprint": base_fp,
         "command": " ".join(sys.argv), "train": OmegaConf.to_container(cfg.train, resolve=True),
-        "data_sha256": digest.hexdigest(), "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "data_sha256": examples_sha256([e for p in present for e in p.examples]), "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
         "experts": [rows[p.name] for p in present],
     }
     write_json_atomic(Path(cfg.dir) / MANIFEST, manifest)
