@@ -10,6 +10,8 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import logging
+import shutil
+import tempfile
 from pathlib import Path
 
 import torch
@@ -93,13 +95,21 @@ def materialize(cfg: DictConfig, cache_dir: Path) -> Path:
     folder = cache_dir / "models" / str(cfg.name)
     if (folder / "config.json").is_file():
         return folder
-    tmp = folder.with_name(folder.name + ".tmp")
-    tmp.mkdir(parents=True, exist_ok=True)
-    if cfg.source == "gguf":
-        _convert_gguf(cfg, tmp)
-    else:
-        _build_tiny(cfg, tmp)
-    tmp.rename(folder)
+    # Each process converts into its own temporary folder: parallel jobs that start together (a sweep's
+    # first wave) must not write into one folder; the first complete folder renamed into place wins.
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    try:
+        if cfg.source == "gguf":
+            _convert_gguf(cfg, tmp)
+        else:
+            _build_tiny(cfg, tmp)
+        tmp.rename(folder)
+    except OSError:
+        if not (folder / "config.json").is_file():
+            raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return folder
 
 
