@@ -284,8 +284,7 @@ def test_backfill_is_verified_against_the_pool_digest(trained, tiny_lm, tmp_path
 
 @pytest.mark.parametrize("pool", ["local_algorithmic", "local_flan_cot"])
 def test_committed_manifests_are_current(pool):
-    """The committed pools' rows (with records, or written before per-expert records and backfilled, verified by
-    their own pool digest) match what the default config would train: no expert is stale."""
+    """The committed pools' per-expert records match what the default config would train: no expert is stale."""
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         cfg = compose("config", overrides=["profile=local", "device=cpu", f"experts={pool}"]).experts
     data_root = str(DATA_ROOT) if (DATA_ROOT / "flan_cot").is_dir() else None
