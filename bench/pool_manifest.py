@@ -207,11 +207,15 @@ def backfill_manifest(manifest: dict, data_root: str | None) -> bool:
     return True
 
 
+def _adapter_saved(folder: Path, name: str) -> bool:
+    return (folder / name / "adapter_config.json").is_file()
+
+
 def expert_problem(plan: ExpertPlan, row: dict | None, folder: Path) -> str | None:
     """Why expert `plan.name` must be (re)trained (None: its adapter and manifest row are current)."""
     if row is None:
         return "not trained"
-    if not (folder / plan.name / "adapter_config.json").is_file():
+    if not _adapter_saved(folder, plan.name):
         return "adapter files missing"
     if not _has_record(row):
         return "manifest row has no training record (predates per-expert records; backfill not verified)"
@@ -239,7 +243,7 @@ def _problems_without_data(cfg: DictConfig, manifest: dict, exc: Exception) -> d
         row = rows.get(name)
         if row is None:
             out[name] = "not trained"
-        elif not (Path(cfg.dir) / name / "adapter_config.json").is_file():
+        elif not _adapter_saved(Path(cfg.dir), name):
             out[name] = "adapter files missing"
         elif "train" in row:
             same = row["train"] == _hyper(effective_train(cfg, name))
