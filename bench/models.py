@@ -60,12 +60,15 @@ def load_language_model(cfg: DictConfig, cache_dir: str | Path, device: str = "a
     check_model_config(cfg)
     if cfg.kind not in KINDS:
         raise ConfigError(f"model.kind={cfg.kind!r} is not a language model; choose one of {KINDS}")
+    from transformers import AutoTokenizer
+
     folder = materialize(cfg, Path(cache_dir))
     auto = _auto_class(cfg.kind)
     model = auto.from_pretrained(
         str(folder), dtype=resolve_dtype(cfg.dtype), trust_remote_code=bool(cfg.get("trust_remote_code", False))
     )
-    tokenizer = _load_tokenizer(folder, cfg)
+    tokenizer = AutoTokenizer.from_pretrained(str(folder))
+    align_special_tokens(tokenizer, model)
     model.to(resolve_device(device)).eval()
     model.requires_grad_(False)
     return LanguageModel(
@@ -180,13 +183,25 @@ def build_tokenizer(name: str):
     raise ConfigError(f"model.tokenizer={name!r}; choose smollm2 or byt5")
 
 
-def _load_tokenizer(folder: Path, cfg: DictConfig):
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(str(folder))
-    if tokenizer.pad_token is None:
+def align_special_tokens(tokenizer, model: torch.nn.Module) -> None:
+    """Make the tokenizer's EOS (and a missing PAD) the model's own. Targets are trained and scored as
+    answer + EOS, so the EOS must not depend on the transformers version that converted the model:
+    transformers 5.17 reads SmolLM2's GGUF into a tokenizer whose EOS is ``<|im_start|>``, while the model
+    config (and the model card) say ``<|im_end|>``; 5.23 reads ``<|im_end|>``. A tokenizer EOS among the
+    generation config's EOS ids is kept (models with several end tokens)."""
+    config_eos = model.generation_config.eos_token_id if model.generation_config is not None else None
+    if config_eos is None:
+        config_eos = model.config.eos_token_id
+    eos_ids = config_eos if isinstance(config_eos, list) else [config_eos] if config_eos is not None else []
+    if eos_ids and tokenizer.eos_token_id not in eos_ids:
+        right = tokenizer.convert_ids_to_tokens(eos_ids[0])
+        log.warning("tokenizer EOS %r is not the model's (%r, id %d); using the model's", tokenizer.eos_token, right, eos_ids[0])
+        tokenizer.eos_token = right
+    config_pad = model.config.pad_token_id
+    if tokenizer.pad_token_id is None and config_pad is not None:
+        tokenizer.pad_token = tokenizer.convert_ids_to_tokens(config_pad)
+    if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    return tokenizer
 
 
 def _auto_class(kind: str):

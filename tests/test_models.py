@@ -12,9 +12,8 @@ from tests.conftest import model_cfg
 def test_jobs_that_start_together_build_one_complete_model_folder(tmp_path, monkeypatch):
     """A sweep's first wave materializes the model in several processes at once: each must end with the
     complete folder and no temporary folder may be left behind (they once shared one and crashed)."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer  # noqa: F401  (lazy imports are not thread-safe)
-
     build = models._build_tiny
+    build(model_cfg("tiny_llama"), tmp_path / "warm-up")  # transformers' lazy imports are not thread-safe
     all_built = threading.Barrier(3)
 
     def build_then_wait(cfg, out):
@@ -28,4 +27,27 @@ def test_jobs_that_start_together_build_one_complete_model_folder(tmp_path, monk
     target = tmp_path / "models" / "tiny_llama"
     assert folders == [target] * 3
     assert (target / "config.json").is_file() and (target / "model.safetensors").is_file()
-    assert [p.name for p in (tmp_path / "models").iterdir()] == ["tiny_llama"]
+    assert [p.name for p in (tmp_path / "models").iterdir()] == ["tiny_llama"]  # no temporary folder left
+
+
+def test_tokenizer_eos_follows_the_model_config(tmp_path):
+    """A converted model whose tokenizer names another EOS than its config (transformers 5.17 reads SmolLM2's
+    GGUF tokenizer with EOS <|im_start|>, config <|im_end|>) is loaded with the model's EOS, so targets end
+    with the same token whatever version converted the model."""
+    from omegaconf import OmegaConf
+    from transformers import AutoTokenizer
+
+    built = models.materialize(model_cfg("tiny_llama"), tmp_path)
+    tokenizer = AutoTokenizer.from_pretrained(str(built))
+    right = tokenizer.eos_token
+    tokenizer.eos_token, tokenizer.pad_token = "<|im_start|>", None
+    tokenizer.save_pretrained(str(built))
+    assert AutoTokenizer.from_pretrained(str(built)).eos_token == "<|im_start|>"
+
+    cfg = OmegaConf.merge(model_cfg("tiny_llama"), {"source": "local", "path": str(built)})
+    lm = models.load_language_model(cfg, tmp_path, device="cpu")
+    assert lm.tokenizer.eos_token == right != "<|im_start|>"
+    assert lm.tokenizer.eos_token_id == lm.model.config.eos_token_id
+    assert lm.tokenizer.pad_token_id is not None
+    labels = lm.encode_pairs(["Q: 1 + 1\nA:"], ["2"])["labels"][0]
+    assert labels[labels != -100][-1].item() == lm.model.config.eos_token_id
