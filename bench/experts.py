@@ -72,7 +72,7 @@ def train_pool(cfg: DictConfig, lm: LanguageModel, data_root: str | None, force:
     folder = Path(cfg.dir)
     folder.mkdir(parents=True, exist_ok=True)
     data_root = data_root if data_root is not None else default_data_root()
-    task, plans = plan_pool(cfg, data_root)
+    task, plans = plan_pool(cfg, data_root, lm.tokenizer.eos_token)
     base_fp = fingerprint(lm.base_model)
     manifest = read_manifest(cfg, data_root) or {}
     same_base = manifest.get("base_fingerprint") == base_fp

@@ -133,20 +133,23 @@ class ExpertPlan:
     examples: list[Example]
     data_sha256: str
     eval: dict
+    end_token: str | None = None  # the tokenizer's EOS, appended to every training target
 
     def record(self) -> dict:
-        return {"train": _hyper(self.train), "data_sha256": self.data_sha256, "eval": self.eval}
+        record = {"train": _hyper(self.train), "data_sha256": self.data_sha256, "eval": self.eval}
+        return record if self.end_token is None else {**record, "end_token": self.end_token}
 
 
-def plan_pool(cfg: DictConfig, data_root: str | None) -> tuple[Task, list[ExpertPlan]]:
-    """The task and each expert's plan (effective config, training examples, their digest, answer format)."""
+def plan_pool(cfg: DictConfig, data_root: str | None, end_token: str | None = None) -> tuple[Task, list[ExpertPlan]]:
+    """The task and each expert's plan (effective config, training examples, their digest, answer format, and
+    `end_token`, the EOS its targets end with, when a tokenizer is at hand)."""
     per_expert_overrides(cfg)  # validate before building anything
     task = make_task(cfg.train.task, cfg.train.get("task_cfg"), data_root)
     plans = []
     for name in expert_names(cfg):
         train = effective_train(cfg, name)
         examples = task.train_examples(name, int(train.examples), int(train.seed))
-        plans.append(ExpertPlan(name, train, examples, examples_sha256(examples), eval_format(task, name)))
+        plans.append(ExpertPlan(name, train, examples, examples_sha256(examples), eval_format(task, name), end_token))
     return task, plans
 
 
@@ -228,6 +231,8 @@ def expert_problem(plan: ExpertPlan, row: dict | None, folder: Path) -> str | No
         return "trained on other examples (data digest differs)"
     if row.get("eval") != plan.eval:
         return f"scored with another answer format: {row.get('eval')} -> {plan.eval}"
+    if plan.end_token and row.get("end_token", plan.end_token) != plan.end_token:
+        return f"targets ended with {row['end_token']!r}; this tokenizer ends them with {plan.end_token!r}"
     return None
 
 
@@ -264,10 +269,15 @@ def stale_experts(cfg: DictConfig, lm: LanguageModel, data_root: str | None = No
     if manifest.get("base_fingerprint") != fingerprint(lm.base_model):
         return {n: "trained on other base-model weights (fingerprint differs)" for n in names}
     try:
-        _, plans = plan_pool(cfg, data_root)
+        _, plans = plan_pool(cfg, data_root, lm.tokenizer.eos_token)
     except DataError as exc:
         return _problems_without_data(cfg, manifest, exc)
     rows = {r["name"]: r for r in manifest.get("experts") or []}
+    unrecorded = [n for n, r in rows.items() if "end_token" not in r]
+    if unrecorded:
+        log.warning("pool %s: %s predate recorded end tokens (their targets may end with another EOS than %r, "
+                    "which fitted methods' losses then count against them; `python -m bench.train_experts force=true` retrains)",
+                    cfg.name, unrecorded, lm.tokenizer.eos_token)
     return {p.name: expert_problem(p, rows.get(p.name), Path(cfg.dir)) for p in plans}
 
 

@@ -206,6 +206,7 @@ def test_fresh_pool_rows_and_digest(trained, tiny_lm):
         assert row["data_sha256"] == examples_sha256(plan.examples)
         assert row["train"]["steps"] == 3 and row["train"]["targets"] == ["q_proj", "v_proj"]
         assert row["eval"] == {"answer_mode": "first_line", "max_new_tokens": 24}
+        assert row["end_token"] == tiny_lm.tokenizer.eos_token
     # the pool digest is the recipe before per-expert rows: one sha256 over every expert's examples in order
     assert manifest["data_sha256"] == examples_sha256([e for p in plans for e in p.examples])
 
@@ -251,6 +252,26 @@ def test_missing_adapter_and_other_base_are_stale(trained, tiny_lm, tmp_path):
     manifest = json.loads(path.read_text())
     path.write_text(json.dumps({**manifest, "base_fingerprint": "0" * 16}))
     assert set(stale_experts(cfg, tiny_lm).values()) == {"trained on other base-model weights (fingerprint differs)"}
+
+
+def test_targets_ended_with_another_eos_are_stale(trained, tiny_lm, tmp_path, caplog):
+    """An expert whose training targets ended with another token than this tokenizer's EOS (a pool converted by
+    another transformers version) is stale; rows from before end tokens were recorded are kept, with a warning."""
+    _copy_pool(trained[0], tmp_path)
+    cfg = pool_cfg(tmp_path)
+    path = Path(cfg.dir) / "manifest.json"
+    manifest = json.loads(path.read_text())
+    other = "<|im_start|>" if tiny_lm.tokenizer.eos_token != "<|im_start|>" else "<|im_end|>"
+    manifest["experts"][0]["end_token"] = other
+    path.write_text(json.dumps(manifest))
+    stale = stale_experts(cfg, tiny_lm)
+    assert stale["multistep_arithmetic"] is None
+    assert stale["boolean_expressions"] == f"targets ended with {other!r}; this tokenizer ends them with {tiny_lm.tokenizer.eos_token!r}"
+    del manifest["experts"][0]["end_token"]
+    path.write_text(json.dumps(manifest))
+    with caplog.at_level("WARNING"):
+        assert pool_problem(cfg, tiny_lm) is None
+    assert "['boolean_expressions'] predate recorded end tokens" in caplog.text
 
 
 def _old_style(manifest: dict) -> dict:
