@@ -195,6 +195,8 @@ def mole_cfg(**overrides):
 def dreambooth_fit(subjects):
     from tasks.dreambooth import DreamBoothTask
 
+    if not (DATA_ROOT / "dreambooth").is_dir():
+        pytest.skip(f"DreamBooth photos are read from {DATA_ROOT}/dreambooth: absent")
     task = DreamBoothTask(task_cfg(sets=["+".join(subjects)]), str(DATA_ROOT))
     return task.fit_examples(4, 0, ["+".join(subjects)])
 
