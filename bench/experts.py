@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import random
+import sys
 import time
 from pathlib import Path
 
@@ -22,6 +23,7 @@ from bench.pool_manifest import (
     expert_names, expert_problem, make_task, plan_pool, pool_problem, read_manifest, write_manifest,
 )
 from methods.base import Composed, FitReport
+from tasks.metrics import paired_sign_p
 from tasks.base import Example, Task
 
 SOURCES = ("train", "adapters")
@@ -134,10 +136,34 @@ def train_expert(lm: LanguageModel, task: Task, examples: list[Example], train: 
 
 
 def manifest_scores(lm: LanguageModel, task: Task, adapter: LoraAdapter, limit: int) -> dict:
-    """The base model's and the expert's exact match on the first `limit` eval examples of its subtask."""
+    """The base model's and the expert's exact match on the first `limit` eval examples of its subtask, with the
+    paired comparison: `wins` (expert right, base wrong), `losses` (the reverse) and `p_beats_base`, the one-sided
+    exact McNemar p-value of the expert being no better than the base (`tasks.metrics.paired_sign_p`)."""
     subtask = adapter.metadata["subtask"]
     examples = task.eval_examples(subtask, limit)
-    base_score, _ = task.score_examples(Composed(lm, FitReport(), "base"), examples)
+    base_score, base_rows = task.score_examples(Composed(lm, FitReport(), "base"), examples)
     with lm.adapter_applied(adapter):
-        expert_score, _ = task.score_examples(Composed(lm, FitReport(), adapter.name), examples)
-    return {"n_eval": len(examples), "base_score": base_score, "expert_score": expert_score}
+        expert_score, expert_rows = task.score_examples(Composed(lm, FitReport(), adapter.name), examples)
+    wins = sum(bool(e["correct"]) and not b["correct"] for e, b in zip(expert_rows, base_rows))
+    losses = sum(bool(b["correct"]) and not e["correct"] for e, b in zip(expert_rows, base_rows))
+    return {"n_eval": len(examples), "base_score": base_score, "expert_score": expert_score,
+            "wins": wins, "losses": losses, "p_beats_base": paired_sign_p(wins, losses)}
+
+
+def rescore_pool(cfg: DictConfig, lm: LanguageModel, data_root: str | None) -> dict:
+    """Score every expert of a complete, current pool again (``manifest_eval_limit`` examples each) and rewrite
+    its manifest rows' scores atomically after each expert; adapters and training records stay as they are."""
+    data_root = data_root if data_root is not None else default_data_root()
+    problem = pool_problem(cfg, lm, data_root)
+    if problem:
+        raise AdapterError(f"expert pool {cfg.name!r}: {problem}; train it (`make experts`) before re-scoring")
+    folder = Path(cfg.dir)
+    task, plans = plan_pool(cfg, data_root, lm.tokenizer.eos_token)
+    manifest = read_manifest(cfg, data_root)
+    rows = {r["name"]: r for r in manifest["experts"]}
+    for plan in tqdm(plans, desc=f"rescore {cfg.name}"):
+        adapter = LoraAdapter.from_peft_folder(folder / plan.name, name=plan.name)
+        rows[plan.name].update(manifest_scores(lm, task, adapter, int(cfg.get("manifest_eval_limit", 20))))
+        manifest = write_manifest(cfg, lm, manifest["base_fingerprint"], plans, rows, command=manifest["command"],
+                                  rescored_by=" ".join(sys.argv))
+    return manifest

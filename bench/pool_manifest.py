@@ -292,15 +292,20 @@ def pool_problem(cfg: DictConfig, lm: LanguageModel, data_root: str | None = Non
     return "stale experts: " + "; ".join(f"{n}: {why}" for n, why in stale.items())
 
 
-def write_manifest(cfg: DictConfig, lm: LanguageModel, base_fp: str, plans: list[ExpertPlan], rows: dict) -> dict:
+def write_manifest(cfg: DictConfig, lm: LanguageModel, base_fp: str, plans: list[ExpertPlan], rows: dict,
+                   command: str | None = None, rescored_by: str | None = None) -> dict:
     """The manifest of the experts that have rows, in pool order; its pool ``data_sha256`` is one sha256 over
-    those experts' examples in that order (for a complete pool: every expert's, as before per-expert rows)."""
+    those experts' examples in that order (for a complete pool: every expert's, as before per-expert rows).
+    `command`: the training command to record (default: this process's); `rescored_by`: the command that scored
+    the experts again after training (`bench.experts.rescore_pool`), recorded when given."""
     present = [p for p in plans if p.name in rows]
     manifest = {
         "pool": cfg.name, "base_model": lm.model_id, "base_fingerprint": base_fp,
-        "command": " ".join(sys.argv), "train": OmegaConf.to_container(cfg.train, resolve=True),
+        "command": command or " ".join(sys.argv), "train": OmegaConf.to_container(cfg.train, resolve=True),
         "data_sha256": examples_sha256([e for p in present for e in p.examples]), "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
         "experts": [rows[p.name] for p in present],
     }
+    if rescored_by:
+        manifest["rescored_by"] = rescored_by
     write_json_atomic(Path(cfg.dir) / MANIFEST, manifest)
     return manifest

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import re
 from functools import lru_cache
 from pathlib import Path
 
@@ -22,6 +23,27 @@ from tasks.base import Example, GenerativeTask, stable_order
 
 SUBTASKS = ["aqua", "creak", "ecqa", "gsm8k", "qasc", "sensemaking", "strategyqa"]
 FORMATS = ("answer", "cot")
+_LABELED = re.compile(r"^\(([A-Z])\)\s*(.*)$")
+
+
+def options(example: Example) -> tuple[str, list[str], int]:
+    """A multiple-choice input split into (question, option texts, index of the gold option): the lines after
+    "Options:", a leading "- " and an "(X) " label stripped; the gold option is the one whose label or text is
+    the target. DataError when the input lists no options or none of them is the target."""
+    question, sep, listed = example.input.partition("Options:")
+    lines = [line.strip().removeprefix("- ").strip() for line in listed.splitlines() if line.strip()]
+    if not sep or not lines:
+        raise DataError(f"{example.subtask}: no options listed in {example.input[:80]!r}")
+    texts, gold = [], None
+    for i, line in enumerate(lines):
+        labeled = _LABELED.match(line)
+        label, text = (f"({labeled[1]})", labeled[2]) if labeled else (None, line)
+        texts.append(text)
+        if example.target in (label, text):
+            gold = i
+    if gold is None:
+        raise DataError(f"{example.subtask}: target {example.target!r} is none of the options {lines}")
+    return question.strip(), texts, gold
 
 
 def split_of(question: str) -> str:

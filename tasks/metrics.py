@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from math import comb
 
 _ANSWER_IS = re.compile(r"the answer is\s*:?\s*(.+?)(?:\.\s*$|\.\s*\n|\n|$)", re.IGNORECASE)
 
@@ -33,3 +34,13 @@ def extract_answer(generation: str, mode: str) -> str:
                 return line
         return ""
     raise ValueError(f"unknown answer extraction mode {mode!r}")
+
+
+def paired_sign_p(wins: int, losses: int) -> float:
+    """One-sided exact McNemar (sign) test on paired per-example outcomes: the probability of at least `wins`
+    wins among the ``wins + losses`` examples where exactly one of two systems is right, if neither were
+    better (X ~ Binomial(wins + losses, 1/2)). 1.0 when there are no such examples."""
+    if wins < 0 or losses < 0:
+        raise ValueError(f"wins and losses must be counts, got {wins}, {losses}")
+    n = wins + losses
+    return sum(comb(n, k) for k in range(wins, n + 1)) / 2**n

@@ -12,8 +12,8 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from bench.config import CONF_DIR, register_resolvers
-from bench.errors import ConfigError
-from bench.experts import train_pool
+from bench.errors import AdapterError, ConfigError
+from bench.experts import rescore_pool, train_pool
 from bench.pool_manifest import (
     backfill_manifest, effective_train, examples_sha256, expert_problem, plan_pool, pool_problem,
     read_manifest, stale_experts,
@@ -23,7 +23,7 @@ from tasks.algorithmic import FAMILIES, AlgorithmicTask, generate
 from tasks.base import Example
 from tasks.flan_cot import SUBTASKS as FLAN_SUBTASKS
 from tasks.flan_cot import FlanCoTTask
-from tasks.metrics import extract_answer
+from tasks.metrics import extract_answer, paired_sign_p
 
 register_resolvers()
 STEP = re.compile(r"^(-?\d+) ([+*-]) (-?\d+) = (-?\d+)$")
@@ -207,6 +207,9 @@ def test_fresh_pool_rows_and_digest(trained, tiny_lm):
         assert row["train"]["steps"] == 3 and row["train"]["targets"] == ["q_proj", "v_proj"]
         assert row["eval"] == {"answer_mode": "first_line", "max_new_tokens": 24}
         assert row["end_token"] == tiny_lm.tokenizer.eos_token
+        # the paired comparison with the base model on the same examples
+        assert row["wins"] - row["losses"] == round(row["n_eval"] * (row["expert_score"] - row["base_score"]))
+        assert row["wins"] + row["losses"] <= row["n_eval"] and row["p_beats_base"] == paired_sign_p(row["wins"], row["losses"])
     # the pool digest is the recipe before per-expert rows: one sha256 over every expert's examples in order
     assert manifest["data_sha256"] == examples_sha256([e for p in plans for e in p.examples])
 
@@ -241,6 +244,27 @@ def test_one_changed_expert_is_the_only_one_retrained(trained, tiny_lm, tmp_path
         assert rows["multistep_arithmetic"]["train"]["steps"] == 4 == rows["multistep_arithmetic"]["steps"]
     # the original config now finds that expert stale again, and only it
     assert [n for n, why in stale_experts(pool_cfg(tmp_path), tiny_lm).items() if why] == ["multistep_arithmetic"]
+
+
+def test_rescore_rewrites_scores_only(trained, tiny_lm, tmp_path):
+    """`rescore=true`: every expert scored again with the current manifest_eval_limit; adapters, training records
+    and the recorded training command stay; a stale pool is refused."""
+    _copy_pool(trained[0], tmp_path)
+    before_rows, before_files = _state(pool_cfg(tmp_path))
+    before = json.loads((tmp_path / "experts" / pool_cfg(tmp_path).name / "manifest.json").read_text())
+    cfg = pool_cfg(tmp_path, "experts.manifest_eval_limit=5")
+    manifest = rescore_pool(cfg, tiny_lm, None)
+    rows, files = _state(cfg)
+    assert files == before_files and manifest["command"] == before["command"] and "rescored_by" in manifest
+    for name, row in rows.items():
+        assert row["n_eval"] == 5 and before_rows[name]["n_eval"] == 2
+        assert {k: v for k, v in row.items() if k not in ("n_eval", "base_score", "expert_score", "wins", "losses",
+                                                           "p_beats_base")} == \
+               {k: v for k, v in before_rows[name].items() if k not in ("n_eval", "base_score", "expert_score", "wins",
+                                                                        "losses", "p_beats_base")}
+    assert pool_problem(cfg, tiny_lm) is None
+    with pytest.raises(AdapterError, match="multistep_arithmetic: trained with other hyperparameters.*before re-scoring"):
+        rescore_pool(pool_cfg(tmp_path, "+experts.train.per_expert={multistep_arithmetic:{steps:4}}"), tiny_lm, None)
 
 
 def test_missing_adapter_and_other_base_are_stale(trained, tiny_lm, tmp_path):
@@ -317,3 +341,17 @@ def test_committed_manifests_are_current(pool):
     rows = {r["name"]: r for r in manifest["experts"]}
     assert {p.name: expert_problem(p, rows.get(p.name), Path(cfg.dir)) for p in plans} == {p.name: None for p in plans}
     assert manifest["data_sha256"] == examples_sha256([e for p in plans for e in p.examples])
+
+
+@pytest.mark.parametrize("pool", ["local_algorithmic", "local_flan_cot"])
+def test_committed_experts_beat_the_base_by_a_clear_margin(pool):
+    """The README's claim for the committed pools: each expert's paired test against the base model on its own
+    eval examples has p < 0.01, and the recorded counts agree with the recorded scores."""
+    from bench.config import PROJECT_ROOT
+    from bench.train_experts import CLEAR_MARGIN_P
+
+    manifest = json.loads((PROJECT_ROOT / "results" / "experts" / pool / "manifest.json").read_text())
+    for row in manifest["experts"]:
+        assert row["wins"] - row["losses"] == round(row["n_eval"] * (row["expert_score"] - row["base_score"])), row
+        assert row["p_beats_base"] == pytest.approx(paired_sign_p(row["wins"], row["losses"]), rel=1e-12)
+        assert row["p_beats_base"] < CLEAR_MARGIN_P, row["name"]

@@ -10,7 +10,7 @@ from conftest import CONF, DATA_ROOT
 from methods.base import Composed, FitReport
 from tasks.algorithmic import FAMILIES, AlgorithmicTask, generate
 from tasks.bbh import SUBTASKS, BBHTask
-from tasks.metrics import exact_match, extract_answer, normalize
+from tasks.metrics import exact_match, extract_answer, normalize, paired_sign_p
 
 
 def task_cfg(name, **over):
@@ -35,6 +35,18 @@ def test_normalization_is_lorahubs():
     assert extract_answer("step... So the answer is (A).", "after_answer_is") == "(A)"
     assert extract_answer("a\nthe answer is 12\nmore text", "after_answer_is") == "12"
 
+
+
+def test_paired_sign_p_is_the_one_sided_exact_binomial():
+    """McNemar's exact one-sided test: P(X >= wins), X ~ Binomial(wins + losses, 1/2)."""
+    assert paired_sign_p(7, 0) == 1 / 128 and paired_sign_p(0, 0) == 1.0 and paired_sign_p(0, 5) == 1.0
+    assert paired_sign_p(2, 1) == pytest.approx(4 / 8)  # P(X >= 2), n = 3: (3 + 1) / 8
+    stats = pytest.importorskip("scipy.stats")
+    for wins, losses in [(1, 0), (12, 3), (30, 22), (5, 9)]:
+        ref = stats.binomtest(wins, wins + losses, 0.5, alternative="greater").pvalue
+        assert paired_sign_p(wins, losses) == pytest.approx(ref, rel=1e-12)
+    with pytest.raises(ValueError, match="counts"):
+        paired_sign_p(-1, 2)
 
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_generators_are_deterministic_and_correct(family):
