@@ -231,14 +231,21 @@ def expert_problem(plan: ExpertPlan, row: dict | None, folder: Path) -> str | No
         return "trained on other examples (data digest differs)"
     if row.get("eval") != plan.eval:
         return f"scored with another answer format: {row.get('eval')} -> {plan.eval}"
-    if plan.end_token and row.get("end_token", plan.end_token) != plan.end_token:
-        return f"targets ended with {row['end_token']!r}; this tokenizer ends them with {plan.end_token!r}"
+    return _end_token_problem(row, plan.end_token)
+
+
+def _end_token_problem(row: dict, end_token: str | None) -> str | None:
+    """Why a row's targets do not end with this tokenizer's `end_token` (None: they do, or either is unknown)."""
+    if end_token and row.get("end_token", end_token) != end_token:
+        return f"targets ended with {row['end_token']!r}; this tokenizer ends them with {end_token!r}"
     return None
 
 
-def _problems_without_data(cfg: DictConfig, manifest: dict, exc: Exception) -> dict[str, str | None]:
-    """Staleness when the training data cannot be read here: recorded hyperparameters (task_cfg included) only,
-    or, for rows without records, the whole recorded ``train`` config (the rule before per-expert records)."""
+def _problems_without_data(cfg: DictConfig, manifest: dict, exc: Exception, end_token: str | None
+                           ) -> dict[str, str | None]:
+    """Staleness when the training data cannot be read here: recorded hyperparameters (task_cfg included) and
+    end token only, or, for rows without records, the whole recorded ``train`` config (the rule before per-expert
+    records)."""
     log.warning("expert pool %s: training data unavailable (%s); judged by recorded hyperparameters, data "
                 "digests not checked", cfg.name, exc)
     rows = {r["name"]: r for r in manifest.get("experts") or []}
@@ -252,7 +259,7 @@ def _problems_without_data(cfg: DictConfig, manifest: dict, exc: Exception) -> d
             out[name] = "adapter files missing"
         elif "train" in row:
             same = row["train"] == _hyper(effective_train(cfg, name))
-            out[name] = None if same else "trained with other hyperparameters"
+            out[name] = _end_token_problem(row, end_token) if same else "trained with other hyperparameters"
         else:
             out[name] = None if whole else "trained with another training config"
     return out
@@ -271,7 +278,7 @@ def stale_experts(cfg: DictConfig, lm: LanguageModel, data_root: str | None = No
     try:
         _, plans = plan_pool(cfg, data_root, lm.tokenizer.eos_token)
     except DataError as exc:
-        return _problems_without_data(cfg, manifest, exc)
+        return _problems_without_data(cfg, manifest, exc, lm.tokenizer.eos_token)
     rows = {r["name"]: r for r in manifest.get("experts") or []}
     unrecorded = [n for n, r in rows.items() if "end_token" not in r]
     if unrecorded:

@@ -355,3 +355,29 @@ def test_committed_experts_beat_the_base_by_a_clear_margin(pool):
         assert row["wins"] - row["losses"] == round(row["n_eval"] * (row["expert_score"] - row["base_score"])), row
         assert row["p_beats_base"] == pytest.approx(paired_sign_p(row["wins"], row["losses"]), rel=1e-12)
         assert row["p_beats_base"] < CLEAR_MARGIN_P, row["name"]
+
+
+def test_pool_judged_without_its_training_data(tiny_lm, tmp_path, caplog):
+    """A pool whose training data cannot be read here is judged by its recorded hyperparameters and end token."""
+    folder = tmp_path / "data" / "flan_cot"
+    folder.mkdir(parents=True)
+    rows = [f"Is {i} a number?\\nOptions:\\n- yes\\n- no\tyes\t{i} is a number." for i in range(60)]
+    (folder / "qasc_train.tsv").write_text("\n".join(rows) + "\n")
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose("config", overrides=[
+            "profile=smoke", "device=cpu", f"paths.cache_dir={tmp_path}", "experts.train.task=flan_cot",
+            "experts.train.subtasks=[qasc]", "experts.train.examples=8", "experts.train.steps=2",
+            "experts.manifest_eval_limit=2", "+experts.train.task_cfg={target_format: answer}"]).experts
+    train_pool(cfg, tiny_lm, str(tmp_path / "data"))
+    missing = str(tmp_path / "nowhere")
+    with caplog.at_level("WARNING"):
+        assert stale_experts(cfg, tiny_lm, missing) == {"qasc": None}
+    assert "training data unavailable" in caplog.text
+    path = Path(cfg.dir) / "manifest.json"
+    manifest = json.loads(path.read_text())
+    manifest["experts"][0]["end_token"] = "<other>"
+    path.write_text(json.dumps(manifest))
+    assert stale_experts(cfg, tiny_lm, missing)["qasc"] == \
+        f"targets ended with '<other>'; this tokenizer ends them with {tiny_lm.tokenizer.eos_token!r}"
+    cfg.train.steps = 3
+    assert stale_experts(cfg, tiny_lm, missing)["qasc"] == "trained with other hyperparameters"
