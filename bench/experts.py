@@ -23,8 +23,8 @@ from bench.pool_manifest import (
     expert_names, expert_problem, make_task, plan_pool, pool_problem, read_manifest, write_manifest,
 )
 from methods.base import Composed, FitReport
-from tasks.metrics import paired_sign_p
 from tasks.base import Example, Task
+from tasks.metrics import paired_sign_p
 
 SOURCES = ("train", "adapters")
 

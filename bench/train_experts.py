@@ -13,6 +13,7 @@ import hydra
 from omegaconf import DictConfig
 
 from bench.config import CONF_DIR, register_resolvers
+from bench.errors import ConfigError
 
 log = logging.getLogger("bench")
 CLEAR_MARGIN_P = 0.01
@@ -25,6 +26,8 @@ def main(cfg: DictConfig) -> None:
     from bench.pool_manifest import pool_problem
     from bench.runner import load_model
 
+    if cfg.get("rescore") and cfg.experts.get("domain", "nlp") == "vl":
+        raise ConfigError(f"rescore=true scores language-model pools; {cfg.experts.name!r} is a DreamBooth pool")
     model = load_model(cfg)
     data_root = cfg.paths.get("data_root")
     if cfg.experts.source != "train":

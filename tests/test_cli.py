@@ -110,3 +110,9 @@ def test_every_nlp_method_end_to_end_into_the_leaderboard(tmp_path):
     overall, _ = build(load_rows(runs))
     assert set(overall["method"]) == set(NLP_METHODS)
     assert len(overall[overall.method == "single"]) == 5  # one row per expert
+
+
+def test_rescore_refuses_a_dreambooth_pool(tmp_path):
+    proc = bench("experts=smoke_dreambooth", "rescore=true", runs=tmp_path / "runs", check=False,
+                 cmd=("-m", "bench.train_experts"))
+    assert proc.returncode != 0 and "rescore=true scores language-model pools" in proc.stderr + proc.stdout
