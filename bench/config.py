@@ -28,6 +28,16 @@ def register_resolvers() -> None:
         OmegaConf.register_new_resolver("bench.root", lambda: str(PROJECT_ROOT))
 
 
+def compose_config(overrides: list[str]) -> DictConfig:
+    """The project's config (``conf/config.yaml``) with Hydra `overrides`, composed outside a Hydra app (tools
+    such as `bench.crosscheck` and `bench.mc_ceiling`)."""
+    from hydra import compose, initialize_config_dir
+
+    register_resolvers()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return compose("config", overrides=list(overrides), return_hydra_config=False)
+
+
 def load_group_option(group: str, name: str) -> DictConfig:
     """One option of a config group read directly (e.g. the task config an expert pool trains on)."""
     path = CONF_DIR / group / f"{name}.yaml"

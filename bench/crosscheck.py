@@ -36,7 +36,8 @@ from typing import Any, Callable
 import pandas as pd
 from omegaconf import DictConfig
 
-from bench.config import CONF_DIR, PROJECT_ROOT, register_resolvers
+from bench.config import PROJECT_ROOT
+from bench.config import compose_config as project_config
 from tasks.base import Example, GenerativeTask
 
 log = logging.getLogger("bench.crosscheck")
@@ -63,14 +64,10 @@ VARIANTS = {"lm-eval": Variant(chat=False), "lm-eval+chat": Variant(chat=True),
 # ----------------------------------------------------------------------------------------------- config
 def compose_config(subtasks: list[str], limit: int | None = None, overrides: list[str] = ()) -> DictConfig:
     """The project's config of ``method=base task=bbh profile=local`` restricted to `subtasks` (zero-shot)."""
-    from hydra import compose, initialize_config_dir
-
-    register_resolvers()
     base = ["method=base", "task=bbh", "profile=local", "task.format=zeroshot", f"task.subtasks=[{','.join(subtasks)}]"]
     if limit is not None:
         base.append(f"task.limit={int(limit)}")
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return compose("config", overrides=[*base, *overrides], return_hydra_config=False)
+    return project_config([*base, *overrides])
 
 
 # ----------------------------------------------------------------------------------------------- data

@@ -22,7 +22,8 @@ from typing import Any
 import pandas as pd
 from omegaconf import DictConfig
 
-from bench.config import CONF_DIR, PROJECT_ROOT, register_resolvers
+from bench.config import PROJECT_ROOT
+from bench.config import compose_config as project_config
 from bench.records import write_json_atomic
 from tasks.base import Example
 
@@ -34,13 +35,9 @@ log = logging.getLogger(__name__)
 
 def compose_config(subtasks: list[str], limit: int, overrides: list[str] = ()) -> DictConfig:
     """The project's ``task=flan_cot profile=local`` config restricted to `subtasks`, `limit` examples each."""
-    from hydra import compose, initialize_config_dir
-
-    register_resolvers()
     base = ["method=base", "task=flan_cot", "profile=local", f"task.subtasks=[{','.join(subtasks)}]",
             f"task.limit={int(limit)}"]
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return compose("config", overrides=[*base, *overrides], return_hydra_config=False)
+    return project_config([*base, *overrides])
 
 
 def choice_docs(examples: list[Example]) -> list[dict]:
@@ -79,20 +76,23 @@ def ceiling(cfg: DictConfig, out: Path, batch_size: int = 8) -> pd.DataFrame:
     task = get_task("flan_cot")(cfg.task, cfg.paths.data_root)
     model = load_model(cfg)
     lm = HFLM(pretrained=model.model, tokenizer=model.tokenizer, batch_size=batch_size)
-    rows = []
+    subtasks = task.subtasks()
+    docs = {subtask: choice_docs(task.eval_examples(subtask)) for subtask in subtasks}
     with tempfile.TemporaryDirectory() as tmp:
-        for subtask in task.subtasks():
-            docs = choice_docs(task.eval_examples(subtask))
+        configs = {}
+        for subtask in subtasks:
             path = Path(tmp) / f"{subtask}.json"
-            write_json_atomic(path, {"docs": docs})
-            config = lmeval_mc_config(subtask, path)
-            results = simple_evaluate(model=lm, tasks=[copy.deepcopy(config)], apply_chat_template=model.chat,
-                                      task_manager=TaskManager(include_defaults=False), bootstrap_iters=0)
-            scores = results["results"][config["task"]]
-            rows.append({"subtask": subtask, "n": len(docs), "options": sum(len(d["choices"]) for d in docs) / len(docs),
-                         "chance": sum(1 / len(d["choices"]) for d in docs) / len(docs),
-                         "acc": scores["acc,none"], "acc_norm": scores["acc_norm,none"]})
-            log.info("%s: %s", subtask, rows[-1])
+            write_json_atomic(path, {"docs": docs[subtask]})
+            configs[subtask] = lmeval_mc_config(subtask, path)
+        results = simple_evaluate(model=lm, tasks=copy.deepcopy(list(configs.values())), apply_chat_template=model.chat,
+                                  task_manager=TaskManager(include_defaults=False), bootstrap_iters=0)
+    rows = []
+    for subtask in subtasks:
+        scores, listed = results["results"][configs[subtask]["task"]], docs[subtask]
+        rows.append({"subtask": subtask, "n": len(listed), "options": sum(len(d["choices"]) for d in listed) / len(listed),
+                     "chance": sum(1 / len(d["choices"]) for d in listed) / len(listed),
+                     "acc": scores["acc,none"], "acc_norm": scores["acc_norm,none"]})
+        log.info("%s: %s", subtask, rows[-1])
     table = pd.DataFrame(rows, columns=COLUMNS)
     out.mkdir(parents=True, exist_ok=True)
     table.to_csv(out / "flan_mc_ceiling.csv", index=False)

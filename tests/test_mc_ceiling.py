@@ -47,11 +47,14 @@ def test_ceiling_end_to_end_on_the_tiny_model(tmp_path):
     rows = [f"Question {i} about plants?\\nOptions:\\n- (A) rock {i}\\n- (B) leaf {i}\\n- (C) sun {i}\\n- (D) salt {i}"
             f"\t(B)\tLeaves are plant parts." for i in range(80)]
     (folder / "qasc_train.tsv").write_text("\n".join(rows) + "\n")
-    cfg = compose_config(["qasc"], 3, ["profile=smoke", f"paths.data_root={tmp_path / 'data'}",
+    plain = [f"Where is bed {i}?\\nOptions:\\n- kitchen\\n- bedroom\tbedroom\tBeds are in bedrooms." for i in range(80)]
+    (folder / "ecqa_train.tsv").write_text("\n".join(plain) + "\n")
+    cfg = compose_config(["qasc", "ecqa"], 3, ["profile=smoke", f"paths.data_root={tmp_path / 'data'}",
                                        f"paths.cache_dir={CACHE}", "device=cpu"])
     table = ceiling(cfg, tmp_path / "out")
-    assert list(table.columns) == COLUMNS and table.subtask.tolist() == ["qasc"]
+    assert list(table.columns) == COLUMNS and table.subtask.tolist() == ["qasc", "ecqa"]
     row = table.iloc[0]
     assert row.n == 3 and row.options == 4 and row.chance == pytest.approx(0.25)
     assert row.acc in (0, 1 / 3, 2 / 3, 1) and row.acc_norm in (0, 1 / 3, 2 / 3, 1)
+    assert table.iloc[1].options == 2 and table.iloc[1].chance == pytest.approx(0.5)
     assert (tmp_path / "out" / "flan_mc_ceiling.csv").is_file() and "acc_norm" in (tmp_path / "out" / "flan_mc_ceiling.md").read_text()
