@@ -42,6 +42,8 @@ from bench.stacked import StackedLoraLinear, stacked_experts
 SOURCES = ("hub", "local", "tiny")
 SCHEDULERS = ("dpmsolver++", "ddim", "euler", "pndm")
 COMPONENTS = ("unet", "text_encoder")
+# How `DiffusionModel.expert_embeddings` runs the text encoder for LoRA Switch / Composite.
+EMBED_MODES = ("per_expert", "first", "all")
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
 _PEFT_ADAPTER = "bench"
 
@@ -427,18 +429,40 @@ class DiffusionModel:
             yield mix
 
     def expert_embeddings(self, mix: ExpertMix, prompts: Sequence[str], negative: Sequence[str], guidance: bool,
-                          scale: float = 1.0) -> list[torch.Tensor]:
-        """Text conditioning per expert (expert i alone in the text encoder); one shared tensor when the experts do
-        not touch the text encoder."""
+                          scale: float = 1.0, mode: str = "per_expert") -> list[torch.Tensor]:
+        """Text conditioning for each of the `mix.n` experts (a list of N tensors, as `composite_noise` and the
+        Switch hooks read it), under one of the `EMBED_MODES`:
+
+        ``per_expert``: N encodings, expert i alone in the text encoder at `scale`;
+        ``first``: one encoding with expert 0 alone at `scale`, shared by every expert (the official LoRA Switch:
+        the prompt is encoded once with the adapter set active before the pipeline call);
+        ``all``: one encoding with every expert active at once, each at `scale` (``W + Σ_i scale·s_i B_i A_i``),
+        shared by every expert (the official LoRA Composite: ``set_adapters(all)`` at weight 1, then
+        ``encode_prompt(lora_scale=scale)``).
+
+        When the experts do not touch the text encoder, every mode is the plain encoding, shared. The mix is left
+        off.
+        """
+        if mode not in EMBED_MODES:
+            raise ConfigError(f"text-encoder embedding mode {mode!r}; choose one of {EMBED_MODES}")
         if not any(path.startswith("text_encoder.") for path in mix.layers):
             mix.off()
             return [self.encode_prompts(prompts, negative, guidance)] * mix.n
-        embeds = []
-        for i in range(mix.n):
-            mix.only(i, scale)
-            embeds.append(self.encode_prompts(prompts, negative, guidance))
-        mix.off()
-        return embeds
+        try:
+            if mode == "per_expert":
+                embeds = []
+                for i in range(mix.n):
+                    mix.only(i, scale)
+                    embeds.append(self.encode_prompts(prompts, negative, guidance))
+                return embeds
+            if mode == "first":
+                mix.only(0, scale)
+            else:
+                mix.weighted(torch.full((mix.n,), float(scale), dtype=self.text_encoder.dtype,
+                                        device=self.text_encoder.device))
+            return [self.encode_prompts(prompts, negative, guidance)] * mix.n
+        finally:
+            mix.off()
 
 
 @dataclass

@@ -12,6 +12,11 @@ Outputs in `--out` (default `results/`):
 - `leaderboard.md`: a Markdown table per profile and domain; `plots/*.png`: a bar chart per task and a
   quality-vs-cost scatter.
 Only records with status ok count; when a job was run more than once, its newest record wins.
+
+`--update` re-runs part of a committed leaderboard without the other records: every (profile, task, method)
+that has records under `--runs-dir` replaces that method's rows in the CSVs already in `--out`; all other rows
+are kept as they are, and the normalized columns are recomputed from the merged tables (the best single
+expert and own-expert scores come from whichever `single` rows the merged tables hold).
 """
 
 from __future__ import annotations
@@ -97,6 +102,37 @@ def build(rows: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
     return normalize_own(overall, per_subtask)
 
 
+DERIVED = ["best_single", "normalized", "own_expert", "normalized_own"]
+REPLACED = ["profile", "task", "method"]
+
+
+def read_table(path: Path) -> pd.DataFrame:
+    """A leaderboard CSV as written by `write` (empty variants stay empty strings)."""
+    table = pd.read_csv(path)
+    table["variant"] = table["variant"].fillna("").astype(str)
+    return table
+
+
+def merge_tables(old: pd.DataFrame, new: pd.DataFrame) -> pd.DataFrame:
+    """`old` without the (profile, task, method) cells present in `new`, then `new`; derived columns dropped."""
+    cells = new[REPLACED].drop_duplicates()
+    kept = old.merge(cells, on=REPLACED, how="left", indicator=True)
+    kept = kept[kept["_merge"] == "left_only"].drop(columns="_merge")
+    merged = pd.concat([kept, new], ignore_index=True)
+    return merged.drop(columns=[c for c in DERIVED if c in merged.columns])
+
+
+def update(rows: pd.DataFrame, out_dir: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The committed tables in `out_dir` with the cells of `rows` replaced, normalized again."""
+    overall = aggregate(rows[rows["subtask"] == "all"], KEYS)
+    per_subtask = aggregate(rows[rows["subtask"] != "all"], KEYS[:3] + ["subtask"] + KEYS[3:])
+    overall = merge_tables(read_table(out_dir / "leaderboard.csv"), overall)
+    per_subtask = merge_tables(read_table(out_dir / "leaderboard_subtasks.csv"), per_subtask)
+    overall = normalize(overall, ["profile", "task", "metric"])
+    per_subtask = normalize(per_subtask, ["profile", "task", "subtask", "metric"])
+    return normalize_own(overall, per_subtask)
+
+
 def markdown(overall: pd.DataFrame) -> str:
     parts = ["# Leaderboard", "", "Mean ± std over seeds of the macro average over subtasks; `norm` = ÷ best single expert; `own norm` "
              "(in-domain tasks) = mean over subtasks of the score ÷ that subtask's own expert's score.",
@@ -157,12 +193,15 @@ def _save(fig, path: Path) -> Path:
     return path
 
 
-def write(runs_dir: str | Path, out_dir: str | Path, plots: bool = True) -> pd.DataFrame:
+def write(runs_dir: str | Path, out_dir: str | Path, plots: bool = True, replace: bool = False) -> pd.DataFrame:
+    """Build (or with `replace`, update: module docstring) the leaderboard files in `out_dir`."""
     out_dir = Path(out_dir)
     rows = load_rows(runs_dir)
     if rows.empty:
         raise SystemExit(f"no finished records under {runs_dir}")
-    overall, per_subtask = build(rows)
+    if replace and not (out_dir / "leaderboard.csv").exists():
+        raise SystemExit(f"--update needs an existing {out_dir / 'leaderboard.csv'}")
+    overall, per_subtask = update(rows, out_dir) if replace else build(rows)
     out_dir.mkdir(parents=True, exist_ok=True)
     for frame, name in ((overall, "leaderboard.csv"), (per_subtask, "leaderboard_subtasks.csv")):
         tmp = out_dir / f".{name}.tmp"
@@ -179,8 +218,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--runs-dir", default=str(PROJECT_ROOT / "results" / "runs"))
     parser.add_argument("--out", default=str(PROJECT_ROOT / "results"))
     parser.add_argument("--no-plots", action="store_true")
+    parser.add_argument("--update", action="store_true",
+                        help="replace only the (profile, task, method) cells found in --runs-dir in the existing CSVs")
     args = parser.parse_args(argv)
-    overall = write(args.runs_dir, args.out, plots=not args.no_plots)
+    overall = write(args.runs_dir, args.out, plots=not args.no_plots, replace=args.update)
     print(markdown(overall))
 
 

@@ -15,19 +15,36 @@ forms the centroids. Ties go to the lowest index; a cluster that empties keeps i
 iterating and contributes nothing at the end. With k ≥ R every unit is its own cluster (no k-means;
 output rank R), which is also how duplicate units stay exact.
 
-Each centroid ``c = [a_c, b_c]`` becomes one rank of the merged LoRA (``A[c] = a_c``, ``B[:, c] = b_c``,
-scale 1). Dual reweighting (the paper's code is not public; these are our formulas, each switchable):
+Unit order. k-means++ seeding draws unit *indices*, so with units in input order a permutation of the ranks
+inside one LoRA (which leaves its ΔW unchanged) would change which units seed the centres. The clustering
+objective (the within-cluster sum of squares over the *set* of units) does not depend on order, so neither
+does our result: each module's units are put in a canonical order first (by their projection on a fixed
+pseudo-random direction; two units with equal keys are, almost surely, equal units, whose order is
+immaterial). With it, and experts in name order, the merge depends on the set of units and the seed only.
 
-1. ``param_reweight``: rescale each centroid, as a vector of length d_in + d_out, to the mean norm of its
-   member units: ``c ← c · mean_{u∈c} ‖u‖ / ‖c‖`` (undoes the norm decay of averaging; its rank-1
-   product scales by the square of that factor).
-2. ``output_reweight``: one factor γ per module on the merged B so the merged update's Frobenius norm
-   equals that of the exact sum, ``γ = ‖Σ_i s_i B_i A_i‖_F / ‖B' A'‖_F``, both norms from the Gram
-   matrices (``‖U_bᵀ U_a‖²_F = Σ (U_a U_aᵀ) ∘ (U_b U_bᵀ)``), never from dense matrices.
+Reconstruction and dual reweighting (paper §4, "dual reweighting": parameter reweighting against the *norm
+decay* of averaged units, output reweighting against the *variance expansion* of a rank-k output). The
+paper's text was not readable offline here, so its equation numbers are not cited; the formulas below are the
+ones both public reimplementations we could read use (a `LoRA_LEGO` merge beside KnOTS / TSV-M / Iso-C, and
+a port of an `src/lego/merger.py`), and each matches the paper's stated purpose:
 
-Inputs may have different ranks; one LoRA with k < r is shrunk to rank k (`lego_shrink`). Experts are put
-in name order first, so pool order never changes the result. Seeded: the same seed on the same device
-gives the same clusters.
+1. ``param_reweight``: each centroid, as one vector ``c_j = [a_j, b_j]`` (length d_in + d_out, the mean of its
+   member units), is rescaled to the mean norm of its members, ``c_j ← c_j · mean_{u∈C_j} ‖u‖ / ‖c_j‖``, in
+   the max-abs norm ``‖·‖_∞`` (``param_norm: inf``, as both reimplementations do) or the Euclidean norm
+   (``param_norm: 2``). A mean of non-parallel vectors is shorter than they are; this undoes that and only
+   ever grows a centroid (``‖c_j‖ ≤ mean ‖u‖`` by the triangle inequality, in any norm).
+2. ``output_reweight``: the merged update is multiplied by ``√(r / k')``, r the rank of the input LoRAs (their
+   mean rank ``R / N`` when ranks differ) and k' = min(k, R) the merged rank: a LoRA's output is a sum of its
+   rank-1 units' outputs, whose variance grows linearly with the number of units, so a rank-k' merge of
+   rank-r units is brought back to the output variance of a rank-r LoRA. It shrinks whenever k' > r and is 1
+   at k' = r (the default k = max r_i with equal ranks).
+
+The merged LoRA has rank k' (``A[j] = α_j a_j``, ``B[:, j] = α_j √(r/k') b_j``, scale 1). Earlier versions of
+this module rescaled the merge to the Frobenius norm of the *sum* of all N experts (a factor ≈ 3–4.5 on the
+local pools), which inflates rather than corrects; it is gone.
+
+Inputs may have different ranks; one LoRA with k < r is shrunk to rank k (`lego_shrink`). Seeded: the same seed
+on the same device gives the same clusters.
 """
 
 from __future__ import annotations
@@ -71,6 +88,19 @@ def unit_groups(adapters: Sequence[LoraAdapter], dtype: torch.dtype = torch.floa
             units = [module_units(adapters, mod, dtype, device) for mod in names]
             out[R].append((names, (torch.stack([u[0] for u in units]), torch.stack([u[1] for u in units]))))
     return out
+
+
+PARAM_NORMS = ("inf", "2")
+
+
+def canonical_order(ua: torch.Tensor, ub: torch.Tensor) -> torch.Tensor:
+    """``(G, R)`` permutation putting each module's units in an order that depends on their values only: by the
+    projection of ``[a, b]`` on a fixed pseudo-random direction (the same for every call)."""
+    g = torch.Generator().manual_seed(0x1E60)
+    va = torch.randn(ua.shape[-1], generator=g, dtype=torch.float64).to(ua.device, ua.dtype)
+    vb = torch.randn(ub.shape[-1], generator=g, dtype=torch.float64).to(ub.device, ub.dtype)
+    key = (ua * va).sum(-1) + (ub * vb).sum(-1)
+    return key.argsort(dim=1, stable=True)
 
 
 def kmeans_gram(K: torch.Tensor, k: int, generator: torch.Generator | None = None,
@@ -128,45 +158,47 @@ def averaging(assign: torch.Tensor, k: int, dtype: torch.dtype) -> torch.Tensor:
 
 
 def lego_cluster(groups: Sequence[Units], k: int, generator: torch.Generator | None = None, max_iter: int = 100,
-                 param_reweight: bool = True, output_reweight: bool = True) -> tuple[list[Units], dict]:
-    """Cluster the units of every module in `groups` (all with the same R) in one batched k-means.
+                 param_reweight: bool = True, output_reweight: bool = True, n_loras: int = 1,
+                 param_norm: str = "inf") -> tuple[list[Units], dict]:
+    """Cluster the units of every module in `groups` (all with the same R, from `n_loras` LoRAs) in one batched
+    k-means over the units in canonical order, then reconstruct and reweight (module docstring).
 
     Returns per group the merged factors ``(A (G, k', d_in), B (G, d_out, k'))`` with k' = min(k, R) and
-    scale 1, and stats: ``iterations``, output ``rank`` and ``assign`` (the cluster of each unit, (ΣG, R))."""
-    grams_a = [torch.bmm(ua, ua.transpose(1, 2)) for ua, _ in groups]
-    grams_b = [torch.bmm(ub, ub.transpose(1, 2)) for _, ub in groups]
-    Ka, Kb = torch.cat(grams_a), torch.cat(grams_b)
-    K = Ka + Kb
+    scale 1, and stats: ``iterations``, output ``rank``, ``output_factor`` (√(r/k')) and ``assign`` (the
+    cluster of each unit in input order, (ΣG, R))."""
+    if param_norm not in PARAM_NORMS:
+        raise ConfigError(f"method.param_norm={param_norm!r}; choose one of {PARAM_NORMS}")
+    orders = [canonical_order(ua, ub) for ua, ub in groups]
+    groups = [(ua.gather(1, o.unsqueeze(2).expand_as(ua)), ub.gather(1, o.unsqueeze(2).expand_as(ub)))
+              for (ua, ub), o in zip(groups, orders)]
+    K = torch.cat([torch.bmm(ua, ua.transpose(1, 2)) + torch.bmm(ub, ub.transpose(1, 2)) for ua, ub in groups])
     R = K.shape[1]
     assign, iterations = kmeans_gram(K, k, generator, max_iter)
     kk = min(k, R)
+    members = _members(assign, kk).to(K.dtype)  # (ΣG, k, R)
     W = averaging(assign, kk, K.dtype)
-    if param_reweight:
-        norms = K.diagonal(dim1=1, dim2=2).clamp(min=0).sqrt()  # ‖u_i‖
-        mean_norm = torch.bmm(_members(assign, kk).to(K.dtype), norms.unsqueeze(2)).squeeze(2)
-        mean_norm = mean_norm / _members(assign, kk).sum(2).clamp(min=1)
-        c_norm = (W * torch.bmm(W, K)).sum(2).clamp(min=0).sqrt()  # ‖c_j‖ = √(W K Wᵀ)_jj
-        alpha = torch.where(c_norm > 0, mean_norm / c_norm.clamp(min=torch.finfo(K.dtype).tiny), 1.0)
-        W = W * alpha.unsqueeze(2)
-    gamma = torch.ones(K.shape[0], dtype=K.dtype, device=K.device)
-    if output_reweight:
-        target = (Ka * Kb).sum((1, 2)).clamp(min=0)  # ‖Σ_units b aᵀ‖²
-        Ga, Gb = (torch.bmm(torch.bmm(W, X), W.transpose(1, 2)) for X in (Ka, Kb))
-        merged = (Ga * Gb).sum((1, 2))
-        gamma = torch.where(merged > 0, (target / merged.clamp(min=torch.finfo(K.dtype).tiny)).sqrt(), 1.0)
+    factor = (R / n_loras / kk) ** 0.5 if output_reweight else 1.0
     out, start = [], 0
     for ua, ub in groups:
         g = slice(start, start + ua.shape[0])
         start += ua.shape[0]
-        A = torch.bmm(W[g], ua)
-        B = torch.bmm(W[g] * gamma[g].view(-1, 1, 1), ub).transpose(1, 2)
-        out.append((A, B))
-    return out, {"iterations": iterations, "rank": kk, "assign": assign}
+        A, Bt = torch.bmm(W[g], ua), torch.bmm(W[g], ub)  # centroids (G, k', d_in), (G, k', d_out)
+        if param_reweight:
+            ord_ = float("inf") if param_norm == "inf" else 2.0
+            unit_norm = torch.cat([ua, ub], 2).norm(p=ord_, dim=2)  # (G, R)
+            target = torch.bmm(members[g], unit_norm.unsqueeze(2)).squeeze(2) / members[g].sum(2).clamp(min=1)
+            c_norm = torch.cat([A, Bt], 2).norm(p=ord_, dim=2)
+            alpha = torch.where(c_norm > 0, target / c_norm.clamp(min=torch.finfo(K.dtype).tiny), 1.0)
+            A, Bt = A * alpha.unsqueeze(2), Bt * alpha.unsqueeze(2)
+        out.append((A, (Bt * factor).transpose(1, 2)))
+    inverse = torch.cat([o.argsort(dim=1) for o in orders])
+    return out, {"iterations": iterations, "rank": kk, "output_factor": factor, "assign": assign.gather(1, inverse)}
 
 
 def lego_merge(adapters: Sequence[LoraAdapter], k: int | None = None, seed: int = 0, param_reweight: bool = True,
                output_reweight: bool = True, max_iter: int = 100, dtype: torch.dtype | None = None,
-               device: torch.device | str | None = None, name: str = "lora_lego") -> LoraAdapter:
+               device: torch.device | str | None = None, name: str = "lora_lego",
+               param_norm: str = "inf") -> LoraAdapter:
     """LoRA-LEGO merge of `adapters` into one LoRA of rank min(k, Σ r_i) per module (k default max r_i).
 
     Modules are batched by unit count R (one k-means for all of them) and, for the GEMMs, by shape.
@@ -182,7 +214,7 @@ def lego_merge(adapters: Sequence[LoraAdapter], k: int | None = None, seed: int 
     iterations = {}
     for R, entries in unit_groups(adapters, dtype, device).items():
         merged, stats = lego_cluster([units for _, units in entries], k, generator, max_iter, param_reweight,
-                                     output_reweight)
+                                     output_reweight, n_loras=len(adapters), param_norm=param_norm)
         iterations[R] = stats["iterations"]
         for (names, _), (A, B) in zip(entries, merged):
             for i, mod in enumerate(names):
@@ -190,8 +222,8 @@ def lego_merge(adapters: Sequence[LoraAdapter], k: int | None = None, seed: int 
     modules = {mod: modules[mod] for mod in adapters[0].modules}
     merged_adapter = LoraAdapter(name, adapters[0].base_model, modules, task_type=adapters[0].task_type)
     merged_adapter.metadata = {"method": "lora_lego", "experts": [a.name for a in adapters], "k": k, "seed": seed,
-                               "param_reweight": param_reweight, "output_reweight": output_reweight,
-                               "iterations": iterations}
+                               "param_reweight": param_reweight, "param_norm": param_norm,
+                               "output_reweight": output_reweight, "iterations": iterations}
     return merged_adapter
 
 
@@ -210,6 +242,8 @@ class LoraLego(Method):
         max_iter = self.cfg.get("max_iter", 100)
         if isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 1:
             raise ConfigError(f"method.max_iter={max_iter!r}: must be an integer ≥ 1")
+        if str(self.cfg.get("param_norm", "inf")) not in PARAM_NORMS:
+            raise ConfigError(f"method.param_norm={self.cfg.param_norm!r}; choose one of {PARAM_NORMS}")
 
     def compose(self, ctx: FitContext) -> Iterator[Composed]:
         with Timer() as timer:
@@ -217,7 +251,7 @@ class LoraLego(Method):
                 list(ctx.pool), self.cfg.get("k"), seed=ctx.seed,
                 param_reweight=bool(self.cfg.get("param_reweight", True)),
                 output_reweight=bool(self.cfg.get("output_reweight", True)),
-                max_iter=int(self.cfg.get("max_iter", 100)), device=getattr(ctx.model, "device", None),
+                param_norm=str(self.cfg.get("param_norm", "inf")), max_iter=int(self.cfg.get("max_iter", 100)), device=getattr(ctx.model, "device", None),
             )
         report = FitReport(seconds=timer.seconds, info={"k": merged.metadata["k"],
                                                         "iterations": merged.metadata["iterations"]})

@@ -5,11 +5,14 @@ nevergrad ``NGOpt`` with a budget of 40 objective evaluations. Objective (minimi
 
     cross-entropy of the fit examples' targets  +  l1 · mean_i |w_i|
 
-The official code (sail-sg/lorahub, ``default_l1_regularization``) uses ``0.05 · sum|w| / len(w)``, i.e. the
-*mean* of |w|; so do we. Its loss (``default_get_loss``) sums each batch's token-mean cross-entropy and
-divides by the number of examples (with its default of one batch: the token mean / K); `loss_reduction`
-chooses ``mean`` (default: the mean over examples of each example's mean target-token cross-entropy, the
-same number as ``LanguageModel.loss``) or ``official`` (that quirk, reproduced: Σ_batches token-mean / K).
+The official code (sail-sg/lorahub, ``lorahub/algorithm.py``: ``default_l1_regularization``) uses
+``0.05 · sum|w| / len(w)``, i.e. the *mean* of |w|; so do we. Its loss (``default_get_loss``) sums each
+batch's token-mean cross-entropy and divides by the number of examples K (with its default of one batch, the
+token mean / K), so the L1 term weighs K× more against the loss than against a plain mean cross-entropy.
+`loss_reduction` chooses ``official`` (default: that objective, Σ_batches token-mean / K; with
+``batch_size`` ≥ K, as in the official default of one batch, it is the official number exactly) or ``mean``
+(labelled non-official: the mean over examples of each example's mean target-token cross-entropy, the same
+number as ``LanguageModel.loss``; K× the official loss, so the L1 term weighs K× less).
 
 Composition semantics (`semantics`):
 
@@ -234,7 +237,7 @@ class LoraHubProblem:
 
     def __init__(self, lm, pool: ExpertPool, inputs: Sequence[str], targets: Sequence[str], *,
                  semantics: str = "official", l1: float = 0.05, batch_size: int = 8, max_len: int = 512,
-                 loss_reduction: str = "mean", max_groups: int = 1) -> None:
+                 loss_reduction: str = "official", max_groups: int = 1) -> None:
         if semantics not in SEMANTICS:
             raise ConfigError(f"LoraHub semantics={semantics!r}; choose one of {SEMANTICS}")
         if loss_reduction not in LOSS_REDUCTIONS:
@@ -329,7 +332,7 @@ class SearchResult:
 def lorahub_search(lm, pool: ExpertPool, inputs: Sequence[str], targets: Sequence[str], *, semantics: str = "official",
                    budget: int = 40, bound: float = 1.5, l1: float = 0.05, seed: int = 0, population: int = 1,
                    optimizer: str = "NGOpt", batch_size: int = 8, max_len: int = 512,
-                   loss_reduction: str = "mean") -> SearchResult:
+                   loss_reduction: str = "official") -> SearchResult:
     """LoraHub's gradient-free search of one weight per expert; the model is left as it was."""
     import warnings
 
@@ -373,7 +376,7 @@ class LoraHub(Method):
         for s in self._semantics():
             if s not in SEMANTICS:
                 raise ConfigError(f"method.semantics={s!r}; choose from {SEMANTICS}")
-        if self.cfg.get("loss_reduction", "mean") not in LOSS_REDUCTIONS:
+        if self.cfg.get("loss_reduction", "official") not in LOSS_REDUCTIONS:
             raise ConfigError(f"method.loss_reduction={self.cfg.loss_reduction!r}; choose from {LOSS_REDUCTIONS}")
         for key, low in (("budget", 1), ("population", 1), ("batch_size", 1)):
             if key in self.cfg and int(self.cfg[key]) < low:
@@ -401,7 +404,7 @@ class LoraHub(Method):
                     bound=float(cfg.get("bound", 1.5)), l1=float(cfg.get("l1", 0.05)), seed=int(ctx.seed),
                     population=int(cfg.get("population", 1)), optimizer=str(cfg.get("optimizer", "NGOpt")),
                     batch_size=int(cfg.get("batch_size", 8)), max_len=int(cfg.get("max_len", 512)),
-                    loss_reduction=str(cfg.get("loss_reduction", "mean")),
+                    loss_reduction=str(cfg.get("loss_reduction", "official")),
                 )
                 compose = compose_official if semantics == "official" else compose_exact
                 adapter = compose(pool, result.weights, name=f"lorahub-{semantics}")
@@ -414,7 +417,7 @@ class LoraHub(Method):
                       "objective_at_zero": result.objective_at_zero, "best_seen": result.best_seen,
                       "optimizer": result.optimizer, "population": int(cfg.get("population", 1)),
                       "extra_evaluations": 2,  # w = 0 and the recommendation, for the record (in `seconds`)
-                      "loss_reduction": str(cfg.get("loss_reduction", "mean")), "experts": pool.names},
+                      "loss_reduction": str(cfg.get("loss_reduction", "official")), "experts": pool.names},
             )
             variant = "" if semantics == "official" else semantics
             with ctx.model.adapter_applied(adapter):

@@ -9,10 +9,13 @@ each step is one tensor op for all experts:
 - trim: per expert, keep the magnitudes at least the ``int(density · numel)``-th largest (its value from
   a Triton radix select on a GPU, `torch.topk` elsewhere; the same value): peft's top-k set, except that
   entries tying at the threshold are all kept where topk keeps an arbitrary subset;
-- drop (DARE): per expert, a Bernoulli(density) mask drawn with ``torch.bernoulli(full_like(Δ_i, density))``
-  from a generator seeded per module (`module_seed`), in expert order: exactly the draws peft's
-  `random_pruning` makes after ``torch.manual_seed(module_seed(...))``, on CPU and GPU alike; the 1/density
-  rescale is folded into the weights (equal up to rounding);
+- drop (DARE): per expert, a Bernoulli(density) mask drawn with ``torch.bernoulli`` of a float32 tensor full
+  of `density` from a generator seeded per module (`module_seed`) on the merge device, in expert order. The
+  draw never depends on the factors' dtype: one seed gives one mask per device type (CPU and CUDA generators
+  are different streams, so a CPU mask and a CUDA mask differ). It equals the mask peft's `random_pruning`
+  draws after ``torch.manual_seed(module_seed(...))`` for float32 deltas on the same device (for deltas of
+  another dtype peft draws in that dtype, hence other masks). The 1/density rescale is folded into the
+  weights (equal up to rounding);
 - elect (TIES): the majority sign per entry from the sum (``total``) or the count (``frequency``) of the
   pruned experts' signs; disjoint merge: the weighted sum of the agreeing entries divided by their count.
 
@@ -138,13 +141,13 @@ def topk_kth_largest(rows: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def dare_masks(stacked: torch.Tensor, density: float, generator: torch.Generator | None) -> torch.Tensor:
-    """DARE's keep-masks (N, …) as booleans, one ``torch.bernoulli(full_like(Δ_i, density))`` draw per expert
-    in order.
+    """DARE's keep-masks (N, …) as booleans, one ``torch.bernoulli`` draw per expert in order, from a float32
+    probability tensor whatever `stacked`'s dtype (so a seed means one mask for float32 and float64 factors).
 
-    One draw per expert, as peft's `random_pruning` makes, keeps the random stream identical to peft's on
-    every device (a single stacked draw would match on CPU only). The draws do not depend on the output
-    dtype, so the masks are written as bool: a quarter of the bytes of float32 masks."""
-    p = torch.full_like(stacked[0], density)
+    One draw per expert, as peft's `random_pruning` makes on float32 deltas, keeps the random stream identical
+    to peft's on the same device (a single stacked draw would match on CPU only). Written as bool: a quarter of
+    the bytes of float32 masks."""
+    p = torch.full(stacked.shape[1:], density, dtype=torch.float32, device=stacked.device)
     mask = torch.empty(stacked.shape, dtype=torch.bool, device=stacked.device)
     for i in range(stacked.shape[0]):
         torch.bernoulli(p, generator=generator, out=mask[i])

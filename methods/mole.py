@@ -4,15 +4,25 @@ The N frozen experts of every target matrix run as one stacked LoRA (`bench.stac
 learnable gates weight their outputs, ``y = W x + Σ_i G_i · Δh_i(x)``, handed to each stacked layer per
 forward through its `gate_fn` (one broadcast multiply and two GEMMs, no loop over experts).
 
-Gate. A gate reads its matrix's experts' outputs ``Δh_i`` (each d_out wide), mean-pooled over the sequence
-(see *Pooling*), normalizes each expert's pooled output (parameter-free LayerNorm over its d_out features),
-concatenates them (N·d_out), and maps them by a linear layer without bias to N logits;
-``G = softmax(logits / τ)`` with τ a learnable scalar per gate, clamped to [`temperature_min`,
-`temperature_max`] = [1, 3] (clamped in the forward and projected back into the range after every optimizer
-step). The linear layer starts at zero (`init_std: 0`), so training starts from the uniform average of the
-experts (normalized linear arithmetic, MoLE's baseline); τ starts at `temperature_init` (1).
-Pooling is linear, so the pooled expert outputs are computed from the pooled rank activations
-(``pool(Δh_i) = s_i B_i pool(h_i)``): no per-token (batch, seq, N, d) tensor is formed.
+Gate (one definition for both domains: `MoleGate`, also used by `methods.mole_diffusion`). The paper (Wu, Huang,
+Wei, "Mixture of LoRA Experts", ICLR 2024, arXiv 2404.13628; the gating function of its method section) defines,
+for the N experts E_0 … E_{N−1} of a layer with input x:
+
+    E_Ω(x) = Normalization(E_0(x) ⊕ … ⊕ E_{N−1}(x))      ⊕: concatenation
+    ε      = Flatten(E_Ω(x))ᵀ · e                          e: a learnable (N·d × N) matrix, no bias
+    G(ε)_i = exp(ε_i / τ) / Σ_j exp(ε_j / τ)                τ: a learnable temperature
+
+(equation numbers are not cited: we could not check them against the paper's text).
+"Normalization" is not specified further; ours is a parameter-free LayerNorm over each expert's d_out features
+(``F.layer_norm`` without affine parameters, eps 1e-5), applied to each expert's output after pooling over the
+sequence (see *Pooling*: the gate weights a whole sequence, so E_i(x) is the pooled output
+``pool(Δh_i) = s_i B_i pool(A_i x)``). ``e`` is ``MoleGate.proj`` (``nn.Linear(N·d_out, N, bias=False)``); τ a
+learnable scalar per gate, clamped to [`temperature_min`, `temperature_max`] = [1, 3] (clamped in the forward
+and projected back into the range after every optimizer step). The linear layer starts at zero
+(`init_std: 0`), so training starts from the uniform average of the experts (normalized linear arithmetic,
+MoLE's baseline); τ starts at `temperature_init` (1). The gate computes in its parameters' dtype (float32;
+float64 when the gate is cast, as the exactness tests do). Pooling is linear, so the pooled expert outputs
+are computed from the pooled rank activations: no per-token (batch, seq, N, d) tensor is formed.
 
 Granularity (`granularity`): which matrices share one gate. A *group* of matrices shares one gate module and,
 within one forward pass, one weight vector per sequence:
@@ -52,6 +62,27 @@ Masking (`masks: [[name, …], …]`): at inference, the named experts' logits a
 i.e. their weights drop out and the rest renormalize (``G_i / Σ_{j kept} G_j``), without retraining. `compose`
 yields the unmasked model (variant "") and then one variant per mask set (``mask=e0`` or ``mask=e0+e3``).
 
+Domains. `method=mole` is MoLE on every task: on a diffusion task (``ctx.model.domain == "vl"``, e.g.
+``task=dreambooth``) `Mole.compose` runs the UNet / text-encoder form, `methods.mole_diffusion.MoleDiffusion`,
+with the same gate, mapping the shared keys (`alpha`, `lr`, `steps`, `batch_size`, `masks`, `init_std`,
+`weight_decay`, `betas`, `eps`; `temperature_init` -> `tau_init`, [`temperature_min`, `temperature_max`] ->
+`tau_range`) and taking the diffusion-only keys from the `vl:` sub-key (`granularity` with the diffusion
+choices, `train_steps`, `grad_steps`, `guidance_scale`, `negative_prompt`, `clip`; `diffusion_config`).
+`method=mole_diffusion` remains as the diffusion form's own name (its YAML spells the keys the diffusion way).
+The language-model trainer's `clip_grad`, `schedule` and `warmup_ratio` have no diffusion counterpart: a VL run
+refuses non-default values rather than ignoring them. What still differs between the domains, and why:
+
+- pooling: a language model's gate pools the prompt tokens once per sequence (generated tokens reuse it); the
+  diffusion gate pools all tokens of its leader's input at every call (every denoising step, per batch row),
+  since an image has no prompt/continuation split and its tokens change at every step;
+- the lead matrix: here the group's first LoRA'd matrix in model order; there ``to_q`` / ``q_proj``;
+- granularity names: the diffusion form has ``block`` (one gate per attention module, i.e. this file's
+  ``layer`` for attention) and ``layer`` (one per LoRA'd linear, this file's ``matrix``);
+- the objective: the task's teacher-forced loss here; CLIP text–image and image–image alignment there (the
+  paper's V&L objective), both plus α · balance;
+- masks: here a name outside the pool is an error; there it is ignored (a mask may name the subjects of several
+  DreamBooth composition sets).
+
 Saved gates (`GatedComposed.save`): `gates.safetensors` + `gates.json`; `attach_saved_gates` rebuilds them on
 a fresh stacked model. Recorded: `info.gate_stats` = {group: [mean weight per expert]} over the fit examples
 (per variant; `block` groups are named by their block path) and the final temperatures.
@@ -65,6 +96,7 @@ from dataclasses import dataclass
 from typing import Callable, Iterator, Sequence
 
 import torch
+from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from torch.nn import functional as F
 
@@ -72,7 +104,7 @@ from bench.errors import ConfigError
 from bench.pool import ExpertPool
 from bench.registry import register_method
 from bench.stacked import StackedLoraLinear, block_of
-from methods.base import FitContext, FitReport, Method, Timer
+from methods.base import Composed, FitContext, FitReport, Method, Timer
 from methods.gates import (GatedComposed, TrainConfig, check_saved_gates, count_params, info_common, load_gates,
                            reads_encoder, router_attached, stack_of, train_gates)
 from tasks.base import Example
@@ -102,7 +134,8 @@ def balance_loss(weights: torch.Tensor) -> torch.Tensor:
 
 # ----------------------------------------------------------------------------------------- the gate
 class MoleGate(nn.Module):
-    """softmax(Linear(concat_i LayerNorm(pooled Δh_i)) / τ), with τ clamped to `temperature_range`."""
+    """MoLE's gate: ``softmax(e · Flatten(concat_i LayerNorm(pooled Δh_i)) / τ)``, e without bias, τ clamped to
+    `temperature_range` (module docstring, *Gate*). Shared by the language-model and the diffusion form."""
 
     def __init__(self, n_experts: int, d: int, temperature_init: float = 1.0,
                  temperature_range: tuple[float, float] = (1.0, 3.0), init_std: float = 0.0,
@@ -123,7 +156,7 @@ class MoleGate(nn.Module):
 
     def forward(self, pooled: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
         """pooled (..., N, d) -> weights (..., N); `keep` (N,) bool drops the other experts (renormalized)."""
-        z = F.layer_norm(pooled.float(), (pooled.shape[-1],))
+        z = F.layer_norm(pooled.to(self.proj.weight.dtype), (pooled.shape[-1],))  # per expert, no affine
         logits = self.proj(z.flatten(-2)) / self.tau()
         if keep is not None:
             logits = logits.masked_fill(~keep, float("-inf"))
@@ -359,11 +392,41 @@ def attach_saved_gates(lm, pool: ExpertPool, folder) -> Iterator[MoleRouter]:
 
 
 # ----------------------------------------------------------------------------------------- the method
+# keys of the language-model trainer (`TrainConfig`) the diffusion trainer does not have: a VL run refuses any value
+# but these defaults rather than ignoring it
+_NLP_ONLY_TRAINING = {"clip_grad": None, "schedule": "constant", "warmup_ratio": 0.0}
+
+
+def diffusion_config(cfg: DictConfig) -> DictConfig:
+    """The `methods.mole_diffusion` config that `method=mole` runs on a diffusion task: the shared keys mapped
+    to the diffusion spelling, the diffusion-only keys from ``cfg.vl`` (defaults: `conf/method/mole.yaml`)."""
+    cfg = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)  # in its root
+    vl = cfg.get("vl") or {}
+    out = {"name": "mole",
+           "granularity": vl.get("granularity", "block"),
+           "tau_init": cfg.get("temperature_init", 1.0),
+           "tau_range": [cfg.get("temperature_min", 1.0), cfg.get("temperature_max", 3.0)],
+           "init_std": cfg.get("init_std", 0.0),
+           "alpha": cfg.get("alpha", 0.5),
+           "lr": cfg.get("lr", 1.0e-5), "steps": cfg.get("steps", 800), "batch_size": cfg.get("batch_size", 12),
+           "weight_decay": cfg.get("weight_decay", 0.01), "betas": cfg.get("betas", [0.9, 0.999]),
+           "eps": cfg.get("eps", 1.0e-8),
+           "train_steps": vl.get("train_steps", 10), "grad_steps": vl.get("grad_steps", 1),
+           "guidance_scale": vl.get("guidance_scale", 7.5), "negative_prompt": vl.get("negative_prompt", ""),
+           "masks": cfg.get("masks") or [], "clip": vl.get("clip")}
+    return OmegaConf.create(out)
+
+
 @register_method("mole")
 class Mole(Method):
-    domains = ("nlp",)
+    """MoLE on language models (this module) and, on diffusion tasks, `methods.mole_diffusion` (module
+    docstring, *Domains*)."""
+
+    domains = ("nlp", "vl")
 
     def check_config(self) -> None:
+        from methods.mole_diffusion import MoleDiffusion
+
         cfg = self.cfg
         if cfg.get("granularity", "block") not in GRANULARITIES:
             raise ConfigError(f"method.granularity={cfg.get('granularity')!r}; choose one of {GRANULARITIES}")
@@ -376,8 +439,16 @@ class Mole(Method):
         if any(isinstance(m, str) or not len(m) for m in masks):
             raise ConfigError(f"method.masks={masks}: a list of non-empty lists of expert names, e.g. [[e0], [e1, e2]]")
         self.train_config = TrainConfig.from_cfg(cfg)
+        self.diffusion = MoleDiffusion(diffusion_config(cfg))  # the diffusion form, its keys validated too
 
-    def compose(self, ctx: FitContext) -> Iterator[GatedComposed]:
+    def compose(self, ctx: FitContext) -> Iterator[Composed]:
+        if getattr(ctx.model, "domain", "nlp") == "vl":  # diffusion models: the UNet / text-encoder form
+            for key, default in _NLP_ONLY_TRAINING.items():
+                if self.cfg.get(key, default) != default:
+                    raise ConfigError(f"method.{key}={self.cfg.get(key)}: the diffusion form of MoLE has no such "
+                                      f"option (leave it at {default!r} for diffusion tasks)")
+            yield from self.diffusion.compose(ctx)
+            return
         cfg, tc = self.cfg, self.train_config
         alpha = float(cfg.get("alpha", 0.5))
         masks = [list(m) for m in (cfg.get("masks") or [])]

@@ -1,18 +1,28 @@
-"""`method=mole_diffusion`: MoLE (Mixture of LoRA Experts, Wu et al. 2024) on the diffusion UNet / text encoder.
+"""`method=mole_diffusion` (also what `method=mole` runs on a diffusion task): MoLE (Mixture of LoRA Experts, Wu et
+al., ICLR 2024) on the diffusion UNet / text encoder.
 
 Frozen experts, all N computed as one stacked LoRA per layer (`bench.stacked.StackedLoraLinear`). A learnable gate per
 block (``granularity: block``: one per attention module, ``attn1`` / ``attn2`` / ``self_attn``; ``layer``: one per
-LoRA'd linear layer). A gate reads the experts' outputs ``s_i B_i A_i x`` of its block's leading layer (``to_q`` /
-``q_proj``, the first one the block runs), mean-pooled over tokens, each unit-normalized, concatenated (N·d) ->
-linear (zero-initialized: training starts from uniform weights 1/N) -> N logits -> ``softmax(logits / τ)`` with τ
-learnable, clamped to [1, 3]. Every layer of the block adds ``Σ_i G_i Δh_i`` (per batch row) to its frozen output.
+LoRA'd linear layer). Every layer of the block adds ``Σ_i G_i Δh_i`` (per batch row) to its frozen output.
+
+Gate: the same definition and class as the language-model form (`methods.mole.MoleGate`; the paper's gating function,
+written out in `methods.mole`'s docstring): ``G = softmax(e · Flatten(concat_i LayerNorm(E_i)) / τ)`` with E_i the
+experts' outputs ``s_i B_i A_i x`` of the block's leading layer (``to_q`` / ``q_proj``, the first one the block runs),
+mean-pooled over the tokens of that call; LayerNorm parameter-free over each expert's d features (eps 1e-5); ``e`` a
+linear map N·d -> N **without bias**, zero-initialized (training starts from uniform weights 1/N); τ learnable,
+clamped to `tau_range` = [1, 3] in the forward and projected back into it after every optimizer step. (Earlier versions
+of this file L2-normalized each expert output and added a bias: a second definition, in neither the paper nor the LM
+form.) What still differs from the language-model form, and why (pooling over every token at every call, the leading
+layer, granularity names, the CLIP objective, mask names): `methods.mole`'s docstring, *Domains*.
 
 Training (the V&L objective of MoLE: text–image and image–image alignment under CLIP, plus the balance loss): for a
 batch of fit examples (a neutral prompt of the set and one reference photo of one subject) sample images with the
 gates in place (``train_steps`` denoising steps, gradients through the last ``grad_steps`` of them only: truncated
 backpropagation through sampling), decode, embed with CLIP and minimise
 ``-(cos(image, text) + cos(image, reference)) + α · (−Σ_i log q_i)``, q_i the mean gate weight of expert i over
-gates and batch. Only gates train (AdamW). CLIP is ``method.clip`` (by default the task's scorer, ``task.clip``).
+gates and batch. Only gates train (AdamW: `lr`, `weight_decay`, `betas`, `eps`; defaults 0.01, (0.9, 0.999), 1e-8 as
+the LM form's). CLIP is ``method.clip`` (``method.vl.clip`` under ``method=mole``; by default the task's scorer,
+``task.clip``).
 
 Inference option ``masks: [[expert names], ...]``: for each mask, those experts' logits are dropped and the rest
 renormalized, without retraining; each masked model is yielded as its own variant (``mask=a+b``) after the unmasked
@@ -27,40 +37,25 @@ from pathlib import Path
 from typing import Iterator
 
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from bench.errors import ConfigError
 from bench.registry import register_method
 from methods.base import Composed, FitContext, FitReport, Method, Timer
+from methods.mole import MoleGate
 
 GRANULARITIES = ("block", "layer")
 _LEADERS = ("to_q", "q_proj")
 
 
-class Gate(torch.nn.Module):
-    """N·d pooled, normalized expert outputs -> N weights (softmax with a learnable, clamped temperature)."""
-
-    def __init__(self, n: int, d: int, tau_init: float, tau_range: tuple[float, float]) -> None:
-        super().__init__()
-        self.proj = torch.nn.Linear(n * d, n)
-        torch.nn.init.zeros_(self.proj.weight)
-        torch.nn.init.zeros_(self.proj.bias)
-        self.tau = torch.nn.Parameter(torch.tensor(float(tau_init)))
-        self.tau_range = tau_range
-
-    def forward(self, outputs: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        logits = self.proj(F.normalize(outputs.float(), dim=-1).flatten(1)) / self.tau.clamp(*self.tau_range)
-        if mask is not None:
-            logits = logits.masked_fill(mask, float("-inf"))
-        return logits.softmax(-1)
+Gate = MoleGate  # the diffusion form's gate is the language-model form's (one definition)
 
 
 class MoleGates(torch.nn.Module):
     """The gates of every block of a model whose LoRA layers are stacked (an `ExpertMix`'s `StackedLoraLinear`s)."""
 
     def __init__(self, mix, root: torch.nn.Module, granularity: str, tau_init: float = 1.0,
-                 tau_range: tuple[float, float] = (1.0, 3.0)) -> None:
+                 tau_range: tuple[float, float] = (1.0, 3.0), init_std: float = 0.0, seed: int = 0) -> None:
         super().__init__()
         self.n, self.granularity = mix.n, granularity
         self.block_of = {path: _block(root, path) if granularity == "block" else path for path in mix.layers}
@@ -69,11 +64,13 @@ class MoleGates(torch.nn.Module):
             members.setdefault(block, []).append(path)
         self.leader = {block: _leader(paths) for block, paths in members.items()}
         self.keys = {block: f"g{i}" for i, block in enumerate(sorted(members))}
+        generator = torch.Generator().manual_seed(int(seed))
         self.gates = torch.nn.ModuleDict({
-            self.keys[block]: Gate(self.n, mix.layers[leader].out_features, tau_init, tau_range)
-            for block, leader in self.leader.items()
+            self.keys[block]: MoleGate(self.n, mix.layers[self.leader[block]].out_features, tau_init, tau_range,
+                                       init_std, generator)
+            for block in sorted(members)
         })
-        self.mask: torch.Tensor | None = None
+        self.mask: torch.Tensor | None = None  # (N,) bool: True drops the expert
         self.recorded: list[torch.Tensor] | None = None  # gate outputs of the current training step
         self._cache: dict[str, torch.Tensor] = {}
 
@@ -87,12 +84,17 @@ class MoleGates(torch.nn.Module):
                                    f"{self.leader[block]} (use granularity=layer for this architecture)")
             return self._cache[block]
         pooled = h.mean(dim=tuple(range(1, h.dim() - 1))) if h.dim() > 2 else h
-        mask = None if self.mask is None else self.mask.to(h.device)
-        w = self.gates[self.keys[block]](layer.expert_outputs(pooled), mask)
+        keep = None if self.mask is None else ~self.mask.to(h.device)
+        w = self.gates[self.keys[block]](layer.expert_outputs(pooled), keep)
         if self.recorded is not None:
             self.recorded.append(w)
         self._cache[block] = w
         return w
+
+    def project(self) -> None:
+        """Every gate's τ back into its range (after an optimizer step)."""
+        for gate in self.gates.values():
+            gate.project_temperature()
 
     def clear(self, block: str) -> None:
         self._cache.pop(block, None)
@@ -161,15 +163,20 @@ class MoleDiffusion(Method):
                 raise ConfigError(f"method.{key}={cfg.get(key)}: must be positive")
         if not 1 <= int(cfg.get("grad_steps", 1)) <= int(cfg.get("train_steps", 1)):
             raise ConfigError("method.grad_steps must be between 1 and method.train_steps")
+        lo, hi = (float(v) for v in cfg.get("tau_range", (1.0, 3.0)))
+        if not 0 < lo <= hi:
+            raise ConfigError(f"temperature range {lo}..{hi} (method.tau_range; method=mole: temperature_min/max): "
+                              "need 0 < min ≤ max")
 
     def compose(self, ctx: FitContext) -> Iterator[Composed]:
         cfg = self.cfg
         if getattr(ctx.model, "domain", "nlp") != "vl":
-            raise ConfigError("mole_diffusion needs a diffusion model (method=mole is MoLE for language models)")
+            raise ConfigError("mole_diffusion needs a diffusion model (method=mole runs MoLE on language models too)")
         model = ctx.model
         with model.experts_applied(ctx.pool) as mix:
             gates = MoleGates(mix, model.components, str(cfg.get("granularity", "block")),
-                              float(cfg.get("tau_init", 1.0)), tuple(cfg.get("tau_range", (1.0, 3.0)))).to(model.device)
+                              float(cfg.get("tau_init", 1.0)), tuple(cfg.get("tau_range", (1.0, 3.0))),
+                              float(cfg.get("init_std", 0.0)), ctx.seed).to(model.device)
             handles = gates.register_block_hooks(model.components)
             mix.gated(gates.weights)
             try:
@@ -218,7 +225,10 @@ class MoleDiffusion(Method):
 
         texts = scorer.encode_texts([t["clip_text"] for t in targets])
         refs = scorer.encode_images([Image.open(t["image"]).convert("RGB") for t in targets])
-        opt = torch.optim.AdamW([p for p in gates.parameters() if p.requires_grad], lr=float(cfg.lr))
+        opt = torch.optim.AdamW([p for p in gates.parameters() if p.requires_grad], lr=float(cfg.lr),
+                                weight_decay=float(cfg.get("weight_decay", 0.01)),
+                                betas=tuple(float(b) for b in cfg.get("betas", (0.9, 0.999))),
+                                eps=float(cfg.get("eps", 1e-8)))
         rng = random.Random(ctx.seed)
         gen = torch.Generator("cpu").manual_seed(int(ctx.seed))
         batch_size, alpha = int(cfg.batch_size), float(cfg.get("alpha", 0.5))
@@ -239,6 +249,7 @@ class MoleDiffusion(Method):
                 opt.zero_grad()
                 loss.backward()
                 opt.step()
+                gates.project()
             gates.recorded = None
             history.append(loss.item())
         return {"loss_first": history[0], "loss_last": history[-1], "clip": scorer.label, "alpha": alpha,

@@ -2,8 +2,12 @@
 
 Per module, the best rank-k approximation (Eckart–Young) of the exact linear merge, computed from the
 concatenated factors (`methods.linear.concat_merge` + `svd_refactor`: QR of the factors and an SVD of the
-small core, never the dense matrix). The same result as peft's ``add_weighted_adapter(combination_type="svd")``
-up to rounding. weights=null is uniform 1/N; `rank` null is max r_i (peft's default).
+small core, never the dense matrix). weights=null is uniform 1/N; `rank` null is max r_i (peft's default).
+
+Equal to peft's ``add_weighted_adapter(combination_type="svd")`` up to rounding when the experts do not use
+rsLoRA: peft's merged adapter then has ``lora_alpha = r`` and scale 1. Under rsLoRA (``use_rslora: true``) peft's
+merged adapter keeps rsLoRA scaling, ``r / √r = √r``, so its update is √r times the truncated sum; ours stays the
+truncated sum (`tests/test_peft_compat.py` checks both statements).
 """
 
 from __future__ import annotations

@@ -74,7 +74,8 @@ def test_yaml_composes_and_instantiates(rel):
 
 @pytest.mark.parametrize("method,seeded", [("base", False), ("single", False), ("linear", False), ("ties", False),
                                            ("magnitude_prune", False), ("svd", False), ("dare", True),
-                                           ("lorahub", True), ("mole", True), ("oracle", True), ("lora_lego", True)])
+                                           ("lorahub", True), ("mole", True), ("oracle", True), ("lora_lego", True),
+                                           ("lora_switch", False), ("lora_composite", False)])
 def test_a_job_no_seed_can_change_has_one_key_for_every_seed(method, seeded):
     from bench.runner import identity
 
@@ -87,3 +88,5 @@ def test_a_job_no_seed_can_change_has_one_key_for_every_seed(method, seeded):
     assert key("seed=0") != key("seed=0", "task.limit=3")  # anything else still counts
     assert key("seed=0") == key("seed=0", "experts.dir=/elsewhere/pool")  # where the pool lies is not what it is
     assert key("seed=0") == key("seed=0", "paths.runs_dir=/elsewhere/runs")
+    if method in ("lora_switch", "lora_composite"):  # seeded once they sample their own experts
+        assert key("seed=0", "+method.n=2") != key("seed=1", "+method.n=2")

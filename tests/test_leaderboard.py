@@ -80,3 +80,26 @@ def test_an_own_expert_scoring_zero_is_left_out_of_the_own_normalization(tmp_pat
 def test_cross_task_rows_have_no_own_expert_normalization(runs):
     overall, _ = build(load_rows(runs))  # subtasks a, b; experts x, y: no subtask has its own expert
     assert overall["normalized_own"].isna().all()
+
+
+def test_update_replaces_only_the_rerun_cells(runs, tmp_path):
+    """A committed leaderboard updated with re-run linear records: linear's rows are the new ones, single's are
+    kept, and linear's normalization uses the kept single rows."""
+    out = tmp_path / "out"
+    write(runs, out, plots=False)
+    before = pd.read_csv(out / "leaderboard.csv")
+    rerun = tmp_path / "rerun"
+    record(rerun / "1", "k3", "linear", 0, {"a": 0.1, "b": 0.3})
+    record(rerun / "2", "k4", "linear", 1, {"a": 0.3, "b": 0.5})
+    write(rerun, out, plots=False, replace=True)
+    after = pd.read_csv(out / "leaderboard.csv")
+    assert len(after) == len(before) == 3
+    linear = after[after.method == "linear"].iloc[0]
+    assert linear["mean"] == pytest.approx(0.3) and linear["n_seeds"] == 2
+    assert linear["normalized"] == pytest.approx(0.3 / 0.6)  # best single (expert=x) kept from the first build
+    single = ["method", "variant", "mean", "std", "normalized"]
+    pd.testing.assert_frame_equal(after[after.method == "single"][single].reset_index(drop=True),
+                                  before[before.method == "single"][single].reset_index(drop=True))
+    subtasks = pd.read_csv(out / "leaderboard_subtasks.csv")
+    a = subtasks[(subtasks.method == "linear") & (subtasks.subtask == "a")].iloc[0]
+    assert a["mean"] == pytest.approx(0.2) and len(subtasks) == 6

@@ -75,6 +75,70 @@ def test_gate_shapes_per_block_and_token(tiny_lm, make_pool):
             torch.testing.assert_close(w, torch.softmax(x @ gate.weight.T, -1) + gate.bias)
 
 
+def test_gate_and_output_by_hand_with_temperature_batch_and_padding(tiny_lm, make_pool):
+    """LoRA-Flow's definition computed here, independently, in float64 (the model too), with T = 2.5 ≠ 1, a non-zero bias, three
+    prompts of different lengths (left-padded) and many tokens each: for block l and token t with block input x_t
+    (HF's hidden_states[l]), w = softmax(W_l x_t / T) + b_l (thunlp/LoRAFlow `LlamaDecoderLayer.forward`:
+    ``softmax(lora_fusion_gate(h) / temperature) + weight_bias``), and every LoRA'd matrix of the block outputs
+    ``W x + Σ_i w_i s_i B_i A_i x`` at that token."""
+    import copy
+    import dataclasses
+
+    T = 2.5
+    lm = dataclasses.replace(tiny_lm, model=copy.deepcopy(tiny_lm.model).double())
+    pool = make_pool(3, ranks=[2, 4, 3])
+    tok = lm.tokenizer
+    prompts = ["not True and False is", "( True or False ) and not ( False or True ) is", "True is"]
+    ids = [tok(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    width = max(map(len, ids))
+    input_ids = torch.tensor([[tok.pad_token_id] * (width - len(i)) + i for i in ids])
+    mask = torch.tensor([[0] * (width - len(i)) + [1] * len(i) for i in ids])
+    assert width > 5 and mask.sum(1).unique().numel() == 3
+    g = torch.Generator().manual_seed(7)
+    with lora_flow_attached(lm, pool, temperature=T) as router:
+        W, b = {}, {}  # values a float32 gate holds exactly (FlowGate computes in float32)
+        with torch.no_grad():
+            for key, gate in router.gates.items():
+                W[key] = torch.randn(gate.weight.shape, generator=g).double()
+                b[key] = (torch.randn(gate.bias.shape, generator=g) * 0.3).double()
+                gate.weight.copy_(W[key])
+                gate.bias.copy_(b[key])
+        io = {}  # matrix path -> (input, output) of its stacked layer
+        handles = [layer.register_forward_hook(lambda m, args, out, p=path: io.__setitem__(p, (args[0], out)))
+                   for path, layer in router.layers.items()]
+        router.record = True
+        try:
+            with torch.no_grad():
+                hidden = lm.model(input_ids=input_ids, attention_mask=mask, output_hidden_states=True).hidden_states
+        finally:
+            router.record = False
+            for handle in handles:
+                handle.remove()
+        blocks = {block: key for key, block in router.blocks.items()}
+        assert [k for k, _ in router.records] == [blocks["model.layers.0"], blocks["model.layers.1"]]
+        expected_w = {}
+        for l, block in enumerate(["model.layers.0", "model.layers.1"]):
+            key = blocks[block]
+            z = hidden[l] @ W[key].T / T  # (batch, tokens, N)
+            z = z - z.max(-1, keepdim=True).values
+            expected_w[block] = z.exp() / z.exp().sum(-1, keepdim=True) + b[key]
+            got = dict(router.records)[key]
+            assert got.shape == (3, width, 3)
+            # float32 gate arithmetic (`FlowGate` casts its input to float32): ≤ 6e-7 from the float64 reference,
+            # while a wrong T, bias placement or input gives differences of order 1e-2 and more
+            torch.testing.assert_close(got.double(), expected_w[block], rtol=0, atol=1e-5)
+            assert (got.max(-1).values - got.min(-1).values).min() > 1e-2  # not the uniform start
+        for path, (x, y) in io.items():  # q_proj and v_proj of both blocks
+            block = path.rsplit(".", 2)[0]
+            w = expected_w[block]
+            expected = x @ router.layers[path].base.weight.T
+            for i, adapter in enumerate(pool):
+                m = adapter.modules[path]
+                expected = expected + w[..., i : i + 1] * (m.scale * (x @ m.A.double().T @ m.B.double().T))
+            assert y.dtype == torch.float64
+            torch.testing.assert_close(y, expected, rtol=0, atol=1e-5)
+
+
 def test_zero_fused_weights_give_base_model(tiny_lm, make_pool):
     pool = make_pool(3)
     base = logits(tiny_lm)

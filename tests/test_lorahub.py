@@ -23,7 +23,7 @@ FIT = [generate("boolean_expressions", "fit", i) for i in range(5)]
 INPUTS = [f"Q: {e.input}\nA:" for e in FIT]
 TARGETS = [e.target for e in FIT]
 CFG = {"name": "lorahub", "n": 20, "semantics": "official", "budget": 40, "bound": 1.5, "l1": 0.05,
-       "optimizer": "NGOpt", "population": 1, "loss_reduction": "mean", "batch_size": 8, "max_len": 512}
+       "optimizer": "NGOpt", "population": 1, "loss_reduction": "official", "batch_size": 8, "max_len": 512}
 
 
 @pytest.fixture(scope="module")
@@ -78,7 +78,9 @@ def test_in_place_candidates_equal_each_expert_applied_with_peft(tiny_lm, pool, 
         with tiny_lm.adapter_applied(pool[k]):
             expected.append(tiny_lm.loss(INPUTS, TARGETS).item())
     base = tiny_lm.loss(INPUTS, TARGETS).item()
-    with LoraHubProblem(tiny_lm, pool, INPUTS, TARGETS, semantics=semantics, max_groups=3) as problem:
+    # compared with LanguageModel.loss, the per-example mean: the non-official `mean` reduction
+    with LoraHubProblem(tiny_lm, pool, INPUTS, TARGETS, semantics=semantics, max_groups=3,
+                        loss_reduction="mean") as problem:
         one = [problem.losses(onehot(n, k))[0] for k in (1, 4)]
         batched = problem.losses(np.stack([onehot(n, 1), np.zeros(n), onehot(n, 4)]))  # population batching
         zero = problem.objective(np.zeros(n))[0]
@@ -107,16 +109,30 @@ def test_factor_layers_logits_equal_peft(tiny_lm, pool):
         torch.testing.assert_close(m.delta(), ref.modules[name].delta(), rtol=1e-5, atol=1e-6)
 
 
-def test_official_loss_reduction_reproduces_the_quirk(tiny_lm, pool):
+def test_default_objective_is_the_official_one(tiny_lm, pool):
+    """sail-sg/lorahub `default_get_loss` (one batch: the batch's token-mean cross-entropy, divided by the number
+    of examples) + `default_l1_regularization` (0.05 · sum|w| / len(w)), written out here, at a non-zero w; the
+    method's YAML and `LoraHubProblem` both default to it, and `mean` is K× the official loss."""
+    from pathlib import Path
+
+    yaml = OmegaConf.load(Path(__file__).resolve().parents[1] / "conf" / "method" / "lorahub.yaml")
+    assert yaml.loss_reduction == "official"
     n = len(pool)
-    with LoraHubProblem(tiny_lm, pool, INPUTS, TARGETS, loss_reduction="official") as problem:
-        official = problem.losses(np.zeros(n))[0]
+    w = np.linspace(-0.8, 0.6, n)
+    with LoraHubProblem(tiny_lm, pool, INPUTS, TARGETS) as problem:
+        objective = problem.objective(w)[0]
+    with LoraHubProblem(tiny_lm, pool, INPUTS, TARGETS, loss_reduction="mean") as problem:
+        mean_loss = problem.losses(w)[0]
     batch = tiny_lm.encode_pairs(INPUTS, TARGETS)
-    with torch.no_grad():
+    with tiny_lm.adapter_applied(compose_official(pool, w)), torch.no_grad():
         logits = tiny_lm.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     token_mean = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), batch["labels"][:, 1:],
-                                                   ignore_index=-100)
-    assert official == pytest.approx(token_mean.item() / len(INPUTS), rel=1e-5)
+                                                   ignore_index=-100).item()
+    official = token_mean / len(INPUTS) + 0.05 * sum(abs(x) for x in w) / len(w)
+    assert objective == pytest.approx(official, rel=1e-5)
+    per_example = [torch.nn.functional.cross_entropy(logits[i, :-1], batch["labels"][i, 1:], ignore_index=-100)
+                   for i in range(len(INPUTS))]
+    assert mean_loss == pytest.approx(float(sum(per_example)) / len(INPUTS), rel=1e-5)
 
 
 def test_search_improves_the_objective_and_is_reproducible(tiny_lm, pool):
@@ -188,6 +204,7 @@ def test_seq2seq_candidates_equal_each_expert(tiny_t5):
         with tiny_t5.adapter_applied(t5_pool[k]):
             expected.append(tiny_t5.loss(inputs, targets).item())
     for semantics in ("official", "exact"):
-        with LoraHubProblem(tiny_t5, t5_pool, inputs, targets, semantics=semantics, max_groups=2) as problem:
+        with LoraHubProblem(tiny_t5, t5_pool, inputs, targets, semantics=semantics, max_groups=2,
+                            loss_reduction="mean") as problem:
             got = problem.losses(np.stack([onehot(3, 1), onehot(3, 2)]))
         np.testing.assert_allclose(got, expected, rtol=1e-4)

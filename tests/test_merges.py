@@ -26,7 +26,7 @@ from bench.registry import get_method
 from methods.base import FitContext
 from methods.linear import concat_merge, dense_deltas
 from methods.merge_ops import (
-    dense_to_lora, fold_lora_, fold_loras_, merge_dense, merge_stacked, module_seed, stack_factors,
+    dare_masks, dense_to_lora, fold_lora_, fold_loras_, merge_dense, merge_stacked, module_seed, stack_factors,
 )
 
 CONF = Path(__file__).resolve().parents[1] / "conf" / "method"
@@ -55,8 +55,24 @@ def pool(n: int = 3, ranks=None, shapes=SHAPES) -> list[LoraAdapter]:
     return [adapter(f"e{i}", shapes, r, seed=10 + i) for i, r in enumerate(ranks)]
 
 
+def peft_dare_masks(shape, n: int, density: float) -> list[torch.Tensor]:
+    """The keep-masks peft's `random_pruning` draws, in order, for n float32 deltas of `shape` (global RNG as
+    seeded by the caller): DARE's masks are drawn in float32 whatever the factors' dtype."""
+    ones = torch.ones(shape, dtype=torch.float32)
+    return [merge_utils.random_pruning(ones, density, rescale=False).bool() for _ in range(n)]
+
+
 def peft_reference(kind: str, deltas: list[torch.Tensor], weights: list[float], density: float, sign: str):
+    """peft's merge of float64 `deltas`; DARE kinds drop with the masks peft draws for float32 deltas (seed the
+    global RNG first), then run peft's own merge on the dropped, rescaled deltas (``ties`` at density 1 = TIES
+    without trimming, which is what peft's `dare_ties` runs after its drop)."""
     w = torch.tensor(weights, dtype=torch.float64)
+    if kind.startswith("dare") and density < 1.0:
+        masks = peft_dare_masks(deltas[0].shape, len(deltas), density)
+        dropped = [d * m / density for d, m in zip(deltas, masks)]
+        if kind == "dare_ties":
+            return merge_utils.ties(dropped, w, 1.0, sign)
+        return merge_utils.task_arithmetic(dropped, w)
     if kind == "ties":
         return merge_utils.ties(deltas, w, density, sign)
     if kind == "dare_ties":
@@ -93,6 +109,24 @@ def test_merge_dense_equals_peft_per_module(kind):
         deltas = [a.modules[module].delta() for a in adapters]
         torch.manual_seed(module_seed(7, module))
         close(ours, peft_reference(kind, deltas, weights, 0.4, "total"))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float16])
+def test_dare_masks_do_not_depend_on_the_factor_dtype(dtype):
+    """One seed, one mask: the masks drawn for float32 deltas equal those for float64 / float16 deltas, and
+    equal peft's `random_pruning` draws for float32 deltas; dare_linear in float32 and float64 agree to float32
+    rounding (same entries dropped)."""
+    g = torch.Generator().manual_seed(1)
+    stacked = torch.randn(3, 9, 7, generator=g, dtype=torch.float64)
+    ref = dare_masks(stacked.float(), 0.4, torch.Generator().manual_seed(5))
+    assert torch.equal(dare_masks(stacked.to(dtype), 0.4, torch.Generator().manual_seed(5)), ref)
+    torch.manual_seed(5)
+    assert torch.equal(torch.stack(peft_dare_masks((9, 7), 3, 0.4)), ref)
+    assert 0 < ref.sum() < ref.numel()
+    w = [0.5, -1.0, 0.7]
+    in64 = merge_stacked(stacked.clone(), w, "dare_linear", 0.4, generator=torch.Generator().manual_seed(5))
+    in32 = merge_stacked(stacked.float(), w, "dare_linear", 0.4, generator=torch.Generator().manual_seed(5))
+    torch.testing.assert_close(in32.double(), in64, rtol=1e-5, atol=1e-5)
 
 
 def test_stack_factors_pads_ranks_exactly():
@@ -282,6 +316,31 @@ def test_permuting_the_pool_changes_nothing(name):
     experts = pool(4)
     first = composed_deltas(name, experts)
     permuted = composed_deltas(name, [experts[i] for i in (2, 0, 3, 1)])
+    for module in first:
+        close(permuted[module], first[module], rtol=1e-10)
+
+
+def shuffle_ranks(a: LoraAdapter, seed: int) -> LoraAdapter:
+    """The same LoRA with its ranks permuted (A's rows and B's columns together): every ΔW unchanged."""
+    g = torch.Generator().manual_seed(seed)
+    modules = {}
+    for module, m in a.modules.items():
+        perm = torch.randperm(m.rank, generator=g)
+        modules[module] = LoraModule(m.A[perm], m.B[:, perm], m.scale)
+    return LoraAdapter(a.name, a.base_model, modules, task_type=a.task_type)
+
+
+@pytest.mark.parametrize("name", MERGE_METHODS)
+def test_permutations_a_name_sort_cannot_undo_change_nothing(name):
+    """Weights that follow their expert through a pool permutation, and ranks permuted inside every LoRA (the
+    sort by expert name undoes neither): the merged ΔW is unchanged."""
+    experts = pool(4)
+    order = (2, 0, 3, 1)
+    weights = [0.7, -0.2, 1.1, 0.4]
+    with_weights = "weights" in method_cfg(name)
+    first = composed_deltas(name, experts, **({"weights": weights} if with_weights else {}))
+    permuted = composed_deltas(name, [shuffle_ranks(experts[i], seed=i) for i in order],
+                               **({"weights": [weights[i] for i in order]} if with_weights else {}))
     for module in first:
         close(permuted[module], first[module], rtol=1e-10)
 

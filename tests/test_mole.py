@@ -191,11 +191,16 @@ def test_gate_pools_prompt_tokens_and_is_reused_while_decoding(tiny_lm, make_poo
         generated = dict(router.records)
         for key in trained:
             torch.testing.assert_close(generated[key], trained[key], rtol=1e-5, atol=1e-6)
-        # left padding in a batch does not change a prompt's gate
+        # left padding in a batch does not change a prompt's gate (the generation engine may reorder rows, e.g.
+        # longest first: the shorter prompt's row is found by its gate; tests/test_mole_gate_definition.py checks
+        # left-padded rows against the paper's equations)
         router.records.clear()
         tiny_lm.generate([example.input, example.input + " and True or not False"], max_new_tokens=2)
-        for key, w in router.records:
-            torch.testing.assert_close(w[0], trained[key][0], rtol=1e-5, atol=1e-6)
+        for key in trained:
+            rows = torch.cat([w.reshape(-1, 3) for k, w in router.records if k == key])
+            assert rows.shape[0] == 2
+            assert min(float((row - trained[key][0]).abs().max()) for row in rows) < 1e-5
+            assert max(float((row - trained[key][0]).abs().max()) for row in rows) > 1e-3  # the other prompt's
 
 
 def test_seq2seq_end_to_end(tiny_t5):

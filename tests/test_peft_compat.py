@@ -85,10 +85,25 @@ def test_peft_compat_refuses_unequal_ranks(tiny_lm):
 
 
 def test_svd_merge_equals_peft_svd(tiny_lm):
+    """Without rsLoRA peft's merged adapter has scale lora_alpha / r = 1, and its update is the truncated SVD of
+    the exact weighted sum: ours."""
     adapters = make_adapters(tiny_lm)
     weights = [0.6, 0.3, -0.2]
     ours = svd_merge(adapters, weights, rank=3)
     assert_products_close(ours, peft_weighted(tiny_lm, adapters, weights, "svd", svd_rank=3))
+
+
+def test_svd_merge_under_rslora_is_peft_svd_without_its_extra_sqrt_rank(tiny_lm):
+    """Under rsLoRA peft's merged adapter keeps use_rslora with lora_alpha = r, so its scale is r / √r = √r and
+    its update √r × the truncated sum; ours stays the truncated sum (the stated condition of equality)."""
+    adapters = make_adapters(tiny_lm, rslora=True)
+    weights = [0.6, 0.3, -0.2]
+    ours = svd_merge(adapters, weights, rank=3)
+    theirs = peft_weighted(tiny_lm, adapters, weights, "svd", svd_rank=3)
+    for module, (A, B, scale) in theirs.items():
+        assert scale == pytest.approx(math.sqrt(3))
+    scaled = {module: (A, B, scale / math.sqrt(3)) for module, (A, B, scale) in theirs.items()}
+    assert_products_close(ours, scaled)
 
 
 @pytest.mark.parametrize("kind", ["ties", "magnitude_prune"])

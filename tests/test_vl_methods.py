@@ -108,7 +108,7 @@ def test_switch_method_composes_and_restores():
     composed = next(gen)
     images = composed.generate(["a dog"], n_images=2, seed=1, num_inference_steps=3)
     assert len(images) == 2 and images[0].size == (model.resolution, model.resolution)
-    assert composed.report.info == {"tau": 5, "lora_scale": 0.8, "order": ["e0", "e1"]}
+    assert composed.report.info == {"tau": 5, "lora_scale": 0.8, "order": ["e0", "e1"], "text_encoder": "official"}
     gen.close()
     assert all(model.components.get_submodule(n) is m for n, m in before.items())
 
@@ -261,13 +261,14 @@ def test_mole_gate_math_and_errors():
     loss, q = balance_loss([w1, w2])  # q: mean over gates of the mean over rows
     assert torch.allclose(q, torch.tensor([0.45, 0.55]))
     assert loss.item() == pytest.approx(-(math.log(0.45) + math.log(0.55)), rel=1e-6)
-    gate = Gate(2, 3, tau_init=0.2, tau_range=(1.0, 3.0))
+    gate = Gate(2, 3, 0.2, (1.0, 3.0))  # the LM form's gate (methods.mole.MoleGate): LayerNorm per expert, no bias
+    assert gate.proj.bias is None
     with torch.no_grad():
         gate.proj.weight.copy_(torch.arange(12.0).view(2, 6) / 10)
     outputs = torch.randn(4, 2, 3)
-    logits = torch.nn.functional.normalize(outputs, dim=-1).flatten(1) @ gate.proj.weight.T
+    logits = torch.nn.functional.layer_norm(outputs, (3,)).flatten(1) @ gate.proj.weight.T
     assert torch.allclose(gate(outputs), (logits / 1.0).softmax(-1))  # tau 0.2 is clamped to 1
-    assert torch.equal(gate(outputs, torch.tensor([False, True]))[:, 1], torch.zeros(4))
+    assert torch.equal(gate(outputs, torch.tensor([True, False]))[:, 1], torch.zeros(4))  # keep expert 0 only
     model = tiny_sd()
     with model.experts_applied(random_sd_pool(model, 2)) as mix:
         gates = MoleGates(mix, model.components, "block")
