@@ -10,7 +10,6 @@ from dataclasses import dataclass, field
 from typing import Iterator, Sequence
 
 import torch
-from tqdm.auto import tqdm
 
 from bench.adapters import LoraAdapter
 
@@ -24,6 +23,9 @@ class LanguageModel:
     chat: bool = False
     system_prompt: str | None = None
     max_input_tokens: int = 1024
+    token_budget: int | None = None  # padded tokens per generation batch (None: `bench.generation`'s default)
+    max_rows: int | None = None  # rows per generation batch at most (None: the budget decides)
+    legacy_batch: int | None = None  # set: `generate` takes the previous fixed-batch path (tests, perf baseline)
     _base: torch.nn.Module | None = field(default=None, repr=False)
 
     @property
@@ -94,27 +96,22 @@ class LanguageModel:
         losses = torch.cat(per_example)
         return losses.mean() if reduction == "mean" else losses
 
-    @torch.no_grad()
-    def generate(self, prompts: Sequence[str], max_new_tokens: int = 16, batch_size: int = 8,
-                 progress: bool = False, desc: str = "generate") -> list[str]:
-        """Greedy continuations of `prompts` (formatted with `format_prompt`), special tokens removed."""
-        tok = self.tokenizer
-        outputs: list[str] = []
-        starts = range(0, len(prompts), batch_size)
-        for i in tqdm(starts, desc=desc, disable=not progress, leave=False):
-            chunk = [self.format_prompt(p) for p in prompts[i : i + batch_size]]
-            ids = [self._ids(c)[-self.max_input_tokens :] for c in chunk]
-            input_ids = _pad(ids, tok.pad_token_id, side="right" if self.is_seq2seq else "left").to(self.device)
-            mask = _pad([[1] * len(r) for r in ids], 0, side="right" if self.is_seq2seq else "left").to(self.device)
-            stops = self.stop_token_ids()
-            out = self.model.generate(
-                input_ids=input_ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
-                num_beams=1, pad_token_id=tok.pad_token_id, eos_token_id=stops,
-                temperature=None, top_p=None, top_k=None,
-            )
-            new = out if self.is_seq2seq else out[:, input_ids.shape[1] :]
-            outputs.extend(self.decode_until_stop(new.tolist()))
-        return outputs
+    def prompt_ids(self, text: str) -> list[int]:
+        """The token ids the model reads for a task prompt: formatted, left-truncated to `max_input_tokens`."""
+        return self._ids(self.format_prompt(text))[-self.max_input_tokens :]
+
+    def generate(self, prompts: Sequence[str], max_new_tokens: int = 16, batch_size: int | None = None,
+                 progress: bool = False, desc: str = "generate", token_budget: int | None = None,
+                 hooks=None, gaps: dict | None = None) -> list[str]:
+        """Greedy continuations of `prompts` (formatted with `format_prompt`), special tokens removed, through the
+        one engine (`bench.generation`): length-sorted batches of at most `token_budget` padded tokens (and
+        `batch_size` rows, when given), outputs in input order; `hooks` carry a method's per-row state. With
+        `legacy_batch` set on the model, the previous path instead (fixed batches of that size, input order)."""
+        from bench.generation import NO_HOOKS, generate
+
+        return generate(self, prompts, max_new_tokens, hooks=hooks or NO_HOOKS,
+                        token_budget=token_budget or self.token_budget, max_rows=batch_size or self.max_rows,
+                        progress=progress, desc=desc, legacy_batch=self.legacy_batch, gaps=gaps)
 
     def stop_token_ids(self) -> list[int]:
         """EOS and every other special token except padding/unknown (chat models end turns with tokens such as
@@ -124,10 +121,11 @@ class LanguageModel:
         special = set(tok.all_special_ids) - ignore - {None}
         return [tok.eos_token_id] + sorted(special - {tok.eos_token_id})
 
-    def decode_until_stop(self, rows: list[list[int]]) -> list[str]:
-        """Text of each generated row up to (without) its first stop token."""
+    def decode_until_stop(self, rows: list[list[int]], has_start: bool = True) -> list[str]:
+        """Text of each generated row up to (without) its first stop token (`has_start`: seq2seq rows that
+        still begin with the decoder start token)."""
         stops = set(self.stop_token_ids())
-        start = 1 if self.is_seq2seq else 0  # seq2seq outputs begin with the decoder start token
+        start = 1 if self.is_seq2seq and has_start else 0
         texts = []
         for row in rows:
             row = row[start:]
@@ -137,8 +135,14 @@ class LanguageModel:
 
     # ----------------------------------------------------------------- applying adapters
     @contextlib.contextmanager
-    def adapter_applied(self, adapter: LoraAdapter) -> Iterator["LanguageModel"]:
-        """Run the block with `adapter` injected through peft; the base model is restored afterwards."""
+    def adapter_applied(self, adapter: LoraAdapter, unmerged: bool = False) -> Iterator["LanguageModel"]:
+        """Run the block with `adapter` in the model: by default its updates ``s·B@A`` folded into the base weights
+        (inference runs the plain model; weights restored bit-exactly); ``unmerged=True`` injects it through peft
+        (LoRA layers beside the base ones), the base model restored afterwards."""
+        if not unmerged:
+            with self.deltas_folded(adapter_deltas(adapter, self.base_model)):
+                yield self
+            return
         from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
 
         kwargs = adapter.peft_config()
@@ -189,6 +193,16 @@ def folded(root: torch.nn.Module, deltas: dict[str, torch.Tensor]) -> Iterator[N
         with torch.no_grad():
             for name, original in saved.items():
                 modules[name].weight.copy_(original)
+
+
+def adapter_deltas(adapter: LoraAdapter, model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Module path -> ``s·B@A`` (float32 at least, on the model's device) for every module of `adapter`."""
+    device = next(model.parameters()).device
+    deltas = {}
+    for path, m in adapter.modules.items():
+        dtype = torch.promote_types(m.A.dtype, torch.float32)
+        deltas[path] = m.scale * (m.B.to(device, dtype) @ m.A.to(device, dtype))
+    return deltas
 
 
 def _pad(rows: list[list[int]], value: int, side: str) -> torch.Tensor:

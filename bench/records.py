@@ -23,7 +23,7 @@ from bench.config import PROJECT_ROOT
 
 RECORD_FILE = "record.json"
 # Config keys that do not change a job's results.
-VOLATILE_KEYS = ("hydra", "paths", "force", "rescore", "wandb", "device", "save_composed", "progress")
+VOLATILE_KEYS = ("hydra", "paths", "force", "rescore", "wandb", "device", "save_composed", "progress", "generation")
 LIBRARIES = ("torch", "transformers", "peft", "diffusers", "open_clip_torch", "nevergrad", "lm-eval", "hydra-core")
 
 

@@ -133,7 +133,12 @@ def load_model(cfg: DictConfig):
         return load_diffusion_model(cfg.model, cache_dir, cfg.device)
     from bench.models import load_language_model
 
-    return load_language_model(cfg.model, cache_dir, cfg.device)
+    lm = load_language_model(cfg.model, cache_dir, cfg.device)
+    generation = cfg.get("generation") or {}
+    lm.token_budget = generation.get("token_budget")
+    lm.max_rows = generation.get("max_rows")
+    lm.legacy_batch = generation.get("legacy_batch")
+    return lm
 
 
 def macro_rows(rows: list[dict]) -> list[dict]:

@@ -40,9 +40,11 @@ class Composed:
     report: FitReport
     variant: str = ""
     adapter: LoraAdapter | None = None
+    hooks: Any = None  # NLP: the `bench.generation.RowHooks` with the method's per-row state, if it has any
 
     def generate(self, prompts: list[str], **kwargs) -> list[str]:
-        return self.model.generate(prompts, **kwargs)
+        return self.model.generate(prompts, **kwargs) if self.hooks is None else \
+            self.model.generate(prompts, hooks=self.hooks, **kwargs)
 
     def save(self, folder: str | Path) -> Path | None:
         """Persist what was composed (a peft folder for static methods); None when there is nothing to save."""

@@ -28,9 +28,9 @@ from typing import Callable, Iterator, Sequence
 import torch
 from torch import nn
 from torch.nn import functional as F
-from tqdm.auto import tqdm
 
 from bench.errors import ConfigError
+from bench.generation import RowHooks
 from bench.lm import LanguageModel, _pad
 from bench.pool import ExpertPool
 from bench.registry import register_method
@@ -218,26 +218,42 @@ class RoutedComposed(Composed):
         tmp.replace(folder / "routing.pt")
         return folder
 
-    def generate(self, prompts: list[str], max_new_tokens: int = 16, batch_size: int = 8, progress: bool = False,
-                 desc: str = "generate", **_) -> list[str]:
-        lm = self.model
-        outputs: list[str] = []
+    def generate(self, prompts: list[str], **kwargs) -> list[str]:
+        hooks = RouteHooks(self)
+        outputs = self.model.generate(prompts, hooks=hooks, **kwargs)  # fresh hooks per call: they keep its routes
         counts = self.report.info.setdefault("route_counts", {})
-        starts = range(0, len(prompts), batch_size)
-        for i in tqdm(starts, desc=desc, disable=not progress, leave=False):
-            chunk = list(prompts[i : i + batch_size])
-            weights, scores = self.route(chunk)
-            self.apply(weights)
-            try:
-                outputs.extend(lm.generate(chunk, max_new_tokens=max_new_tokens, batch_size=len(chunk)))
-            finally:
-                self.apply(None)
-            for row, score in zip(weights.tolist(), scores.tolist()):
-                order = sorted(range(len(row)), key=lambda j: (-row[j], -score[j]))
-                chosen = [self.names[j] for j in order if row[j] > 0]
-                self.routes.append(chosen)
-                counts[chosen[0]] = counts.get(chosen[0], 0) + 1
+        for i in range(len(prompts)):  # routes in input order
+            chosen = hooks.chosen[i]
+            self.routes.append(chosen)
+            counts[chosen[0]] = counts.get(chosen[0], 0) + 1
         return outputs
+
+
+class RouteHooks(RowHooks):
+    """Engine hooks of a routed model: each batch's prompts are routed when it starts (per-row weights applied),
+    the weights follow their rows through compaction, and the experts chosen for each input are kept."""
+
+    def __init__(self, composed: RoutedComposed) -> None:
+        self.composed = composed
+        self.weights: torch.Tensor | None = None
+        self.chosen: dict[int, list[str]] = {}
+
+    def start(self, index: list[int], prompts: list[str]) -> None:
+        weights, scores = self.composed.route(prompts)
+        self.weights = weights
+        self.composed.apply(weights)
+        names = self.composed.names
+        for i, row, score in zip(index, weights.tolist(), scores.tolist()):
+            order = sorted(range(len(row)), key=lambda j: (-row[j], -score[j]))
+            self.chosen[i] = [names[j] for j in order if row[j] > 0]
+
+    def select(self, keep: torch.Tensor) -> None:
+        self.weights = self.weights[keep.to(self.weights.device)]
+        self.composed.apply(self.weights)
+
+    def end(self) -> None:
+        self.weights = None
+        self.composed.apply(None)
 
 
 def gate_applier(layers: dict[str, StackedLoraLinear], n: int, device) -> Callable:
@@ -272,7 +288,7 @@ class MixtureOfLoras(Method):
         """Train the router on the experts' own task examples; returns it and what it used."""
         cfg = self.cfg
         texts, labels = labeled_examples(pool, int(cfg.get("examples_per_expert", 64)), seed, provider)
-        feats = hidden_features(lm, texts, int(cfg.get("feature_batch_size", 16)))
+        feats = hidden_features(lm, texts, int(cfg.get("feature_batch_size", 128)))
         train, held = holdout_split(labels, float(cfg.get("holdout", 0.25)), seed)
         router = train_router(
             feats[train], [labels[i] for i in train], len(pool), hidden=int(cfg.get("hidden", 0)),
@@ -309,7 +325,7 @@ class MixtureOfLoras(Method):
         with stacked_experts(lm.model, pool) as layers:
             apply = gate_applier(layers, len(pool), lm.device)
             apply(None)
-            fb = int(self.cfg.get("feature_batch_size", 16))
+            fb = int(self.cfg.get("feature_batch_size", 128))
 
             def route(prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
                 apply(None)  # features of the frozen base: no expert active

@@ -101,6 +101,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from bench.errors import ConfigError
+from bench.generation import RowHooks
 from bench.pool import ExpertPool
 from bench.registry import register_method
 from bench.stacked import StackedLoraLinear, block_of
@@ -327,6 +328,10 @@ class MoleRouter:
             weights = self.gates[key](pooled, keep)
         return weights if h.dim() >= 3 else weights[0]
 
+    def row_hooks(self) -> "MoleRowHooks":
+        """The generation engine's hooks: each sequence's gate weights follow it when finished rows leave."""
+        return MoleRowHooks(self)
+
     # -- training helpers
     def parameters(self) -> list[nn.Parameter]:
         return list(self.gates.parameters())
@@ -367,6 +372,19 @@ class MoleRouter:
         self.tracker.remove()
         for layer in self.layers.values():
             layer.gate_fn = None
+
+
+class MoleRowHooks(RowHooks):
+    """Per-sequence gate weights (computed on each sequence's prompt forward) index-selected with their rows."""
+
+    def __init__(self, router: MoleRouter) -> None:
+        self.router = router
+
+    def select(self, keep: torch.Tensor) -> None:
+        current = self.router.current
+        for key, weights in current.items():
+            if weights.dim() == 2:
+                current[key] = weights[keep.to(weights.device)]
 
 
 @contextlib.contextmanager
@@ -478,7 +496,8 @@ class Mole(Method):
                     "temperatures": router.temperatures(), "gate_stats": stats, "mask": None}
             report = FitReport(examples=len(examples), steps=result.steps, seconds=timer.seconds,
                                trained_params=count_params(router.gates), info=info)
-            yield GatedComposed(lm, report, "", gates=router.gates, gate_config={**base_config, "mask": None})
+            yield GatedComposed(lm, report, "", gates=router.gates, gate_config={**base_config, "mask": None},
+                                 hooks=router.row_hooks())
             for mask in masks:
                 router.set_mask(mask, ctx.pool.names)
                 masked_loss, masked_balance, masked_stats = fit_loss()
@@ -486,7 +505,7 @@ class Mole(Method):
                                "fit_balance": masked_balance}
                 masked = FitReport(report.examples, report.steps, report.seconds, report.trained_params, masked_info)
                 yield GatedComposed(lm, masked, "mask=" + "+".join(mask), gates=router.gates,
-                                    gate_config={**base_config, "mask": mask})
+                                    gate_config={**base_config, "mask": mask}, hooks=router.row_hooks())
             router.set_mask(None, ctx.pool.names)
 
 

@@ -5,35 +5,39 @@ steps; here the step is a generated token.
 
 - **Switch**: exactly one expert active per forward pass; generated token t is produced by a forward pass
   with expert ``(t // τ) mod N`` active (token 0 comes from the prompt's forward pass). The switch happens
-  between forward passes: a logits processor, called after the forward that produced token t's logits,
-  sets the gates for the next forward (token t+1), so no step uses the previous step's expert (the one-step
-  lag of diffusers' step-end callbacks does not arise). Keys/values cached for earlier positions are kept as
+  between forward passes: the engine's ``before_step(t)`` sets the gates for the forward that produces token t,
+  so no step uses the previous step's expert (the one-step lag of diffusers' step-end callbacks does not
+  arise). Keys/values cached for earlier positions are kept as
   they were computed (under the expert active then); the prompt is read under expert 0.
 - **Composite**: at every step the next-token log-probabilities of the N experts (each alone) are averaged,
   and the greedy token is the argmax of the average. Batched: one forward of N·B rows, where row group i
-  (rows i·B … i·B+B-1) uses expert i through per-row one-hot gates of the stacked layer; a logits processor
-  replaces every group's scores by the average, so all N copies pick the same token and share one KV
-  history per expert.
+  (rows i·B … i·B+B-1) uses expert i through per-row one-hot gates of the stacked layer (the engine's
+  ``fanout = N``); every group's scores are replaced by the average, so all N copies pick the same token and
+  each expert keeps its own KV history.
 
-Both use the stacked expert layer (`bench.stacked`), greedy decoding with the KV cache through
-``model.generate`` and the same tokenization, padding (left for causal LMs) and decoding as
-`LanguageModel.generate`. They work for causal and seq2seq models.
+Every expert runs at ``lora_scale`` (config key, default 1; the method YAMLs set the image papers' 0.8): expert i
+alone adds ``lora_scale · s_i B_i A_i x`` to each target layer, as diffusers' ``set_adapters(name, lora_scale)`` does
+in the official Multi-LoRA-Composition pipelines.
+
+Both use the stacked expert layer (`bench.stacked`) and decode through the one engine (`bench.generation`) as
+`RowHooks`: the same tokenization, batching and decoding as `LanguageModel.generate`. They work for causal and
+seq2seq models.
 
 Entry points for the lead's `lora_switch` / `lora_composite` methods when ``ctx.model`` is a
 `LanguageModel`: the generator functions `text_switch_compose(ctx, cfg)` and `text_composite_compose(ctx,
-cfg)` (config keys: ``tau`` (switch, default 5), ``experts`` (optional list of expert names), ``n`` (optional:
-sample n experts with the run's seed)).
+cfg)` (config keys: ``tau`` (switch, default 5), ``lora_scale`` (default 1), ``experts`` (optional list of expert
+names), ``n`` (optional: sample n experts with the run's seed)).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import math
 from typing import Iterator, Sequence
 
 import torch
-from tqdm.auto import tqdm
 
 from bench.errors import ConfigError
+from bench.generation import RowHooks
 from bench.lm import LanguageModel, _pad
 from bench.pool import ExpertPool
 from bench.stacked import StackedLoraLinear, set_gates, stacked_experts
@@ -52,31 +56,17 @@ def text_switch_schedule(num_tokens: int, n_experts: int, tau: int) -> list[int]
     return [active_expert(t, n_experts, tau) for t in range(num_tokens)]
 
 
-# --------------------------------------------------------------------------- shared decoding helpers
+# --------------------------------------------------------------------------- shared helpers
 
 
 def encode_prompts(lm: LanguageModel, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Input ids and attention mask exactly as `LanguageModel.generate` builds them (left padding for causal)."""
-    ids = [lm._ids(lm.format_prompt(p))[-lm.max_input_tokens :] for p in prompts]
+    """Input ids and attention mask as the previous fixed-batch path built them (left padding for causal); the
+    tests' reference decoding loops start from it."""
+    ids = [lm.prompt_ids(p) for p in prompts]
     side = "right" if lm.is_seq2seq else "left"
     input_ids = _pad(ids, lm.tokenizer.pad_token_id, side=side).to(lm.device)
     mask = _pad([[1] * len(r) for r in ids], 0, side=side).to(lm.device)
     return input_ids, mask
-
-
-@torch.no_grad()
-def greedy_generate(lm: LanguageModel, input_ids: torch.Tensor, mask: torch.Tensor, max_new_tokens: int,
-                    processors: list | None = None) -> torch.Tensor:
-    """The new token ids (greedy, KV cache) of `lm.model.generate` with extra logits processors."""
-    from transformers import LogitsProcessorList
-
-    tok = lm.tokenizer
-    out = lm.model.generate(
-        input_ids=input_ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
-        pad_token_id=tok.pad_token_id, eos_token_id=lm.stop_token_ids(), temperature=None, top_p=None, top_k=None,
-        logits_processor=LogitsProcessorList(processors or []),
-    )
-    return out if lm.is_seq2seq else out[:, input_ids.shape[1] :]
 
 
 def _select_pool(ctx: FitContext, cfg) -> ExpertPool:
@@ -86,125 +76,86 @@ def _select_pool(ctx: FitContext, cfg) -> ExpertPool:
     return pool.sample(int(n), ctx.seed) if n is not None else pool
 
 
-def _chunks(prompts: Sequence[str], batch_size: int, progress: bool, desc: str):
-    starts = range(0, len(prompts), batch_size)
-    for i in tqdm(starts, desc=desc, disable=not progress, leave=False):
-        yield list(prompts[i : i + batch_size])
+def lora_scale_of(cfg) -> float:
+    """``method.lora_scale`` (default 1): the factor on every expert's delta; must be finite."""
+    scale = float(cfg.get("lora_scale", 1.0)) if cfg is not None else 1.0
+    if not math.isfinite(scale):
+        raise ConfigError(f"method.lora_scale={scale}: must be a finite number")
+    return scale
 
 
 # --------------------------------------------------------------------------- Composite
 
 
-class AverageLogProbs:
-    """Logits processor: rows are N groups of B; every group's scores become the mean over groups of
-    ``log_softmax(scores)`` (optionally weighted), so greedy decoding picks one token for all N copies."""
+class CompositeHooks(RowHooks):
+    """Engine hooks: N expert-major copies of every example, copy i under expert i alone (one-hot gates at
+    `scale`); per-example scores are the mean over copies of ``log_softmax(logits)``."""
 
-    def __init__(self, n_experts: int, weights: torch.Tensor | None = None) -> None:
-        self.n = n_experts
-        self.weights = weights
+    def __init__(self, layers: dict[str, StackedLoraLinear], n_experts: int, scale: float, device) -> None:
+        self.layers, self.fanout, self.scale, self.device = layers, n_experts, scale, device
 
-    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        rows, vocab = scores.shape
-        logp = torch.log_softmax(scores.float(), dim=-1).view(self.n, rows // self.n, vocab)
-        if self.weights is None:
-            avg = logp.mean(0)
-        else:
-            w = self.weights.to(logp.device, logp.dtype).view(-1, 1, 1)
-            avg = (w * logp).sum(0)
-        return avg.repeat(self.n, 1).to(scores.dtype)
+    def _gate(self, b: int) -> None:
+        rows = torch.arange(self.fanout, device=self.device).repeat_interleave(b)  # row group i -> expert i
+        dtype = next(iter(self.layers.values())).weight.dtype
+        set_gates(self.layers, self.scale * torch.nn.functional.one_hot(rows, self.fanout).to(dtype))
 
+    def start(self, index: list[int], prompts: list[str]) -> None:
+        self._gate(len(index))
 
-@dataclass
-class TextCompositeComposed(Composed):
-    """LoRA Composite for text: per-step average of the experts' next-token log-probabilities."""
+    def select(self, keep: torch.Tensor) -> None:
+        self._gate(len(keep))
 
-    layers: dict[str, StackedLoraLinear] = field(default_factory=dict)
-    n_experts: int = 1
+    def scores(self, logits: torch.Tensor) -> torch.Tensor:
+        logp = torch.log_softmax(logits.float(), dim=-1)
+        return logp.view(self.fanout, -1, logp.shape[-1]).mean(0)
 
-    def generate(self, prompts: list[str], max_new_tokens: int = 16, batch_size: int = 8, progress: bool = False,
-                 desc: str = "generate", **_) -> list[str]:
-        lm, n = self.model, self.n_experts
-        outputs: list[str] = []
-        for chunk in _chunks(prompts, batch_size, progress, desc):
-            input_ids, mask = encode_prompts(lm, chunk)
-            b = input_ids.shape[0]
-            rows = torch.arange(n, device=lm.device).repeat_interleave(b)  # row group i -> expert i
-            set_gates(self.layers, torch.nn.functional.one_hot(rows, n).to(lm.model.dtype))
-            try:
-                new = greedy_generate(lm, input_ids.repeat(n, 1), mask.repeat(n, 1), max_new_tokens,
-                                      [AverageLogProbs(n)])
-            finally:
-                set_gates(self.layers, torch.zeros(n, device=lm.device))
-            outputs.extend(lm.decode_until_stop(new[:b].tolist()))
-        return outputs
+    def end(self) -> None:
+        set_gates(self.layers, torch.zeros(self.fanout, device=self.device))
 
 
 def text_composite_compose(ctx: FitContext, cfg=None) -> Iterator[Composed]:
-    """Generator: yields a `TextCompositeComposed` over the pool's experts (stacked layers in place)."""
-    pool = _select_pool(ctx, cfg)
+    """Generator: yields the Composite model (`CompositeHooks` over the pool's experts, stacked layers in place)."""
+    pool, scale = _select_pool(ctx, cfg), lora_scale_of(cfg)
     with stacked_experts(ctx.model.model, pool) as layers:
         set_gates(layers, torch.zeros(len(pool), device=ctx.model.device))
-        report = FitReport(info={"experts": pool.names, "decoding": "composite", "average": "log-probabilities"})
-        yield TextCompositeComposed(ctx.model, report, "", None, layers=layers, n_experts=len(pool))
+        report = FitReport(info={"experts": pool.names, "decoding": "composite", "average": "log-probabilities",
+                                 "lora_scale": scale})
+        hooks = CompositeHooks(layers, len(pool), scale, ctx.model.device)
+        yield Composed(ctx.model, report, "", None, hooks=hooks)
 
 
 # --------------------------------------------------------------------------- Switch
 
 
-class SwitchExperts:
-    """Logits processor with a side effect: after the forward that produced token t's logits, activate the
-    expert of token t+1 for the next forward. `trace` records the expert behind each produced token."""
+class SwitchHooks(RowHooks):
+    """Engine hooks: before the forward that produces token t, expert ``(t // τ) mod N`` alone (at `scale`) for
+    every row; `trace` records the expert behind each token of the last batch."""
 
-    def __init__(self, layers: dict[str, StackedLoraLinear], n_experts: int, tau: int, device) -> None:
+    def __init__(self, layers: dict[str, StackedLoraLinear], n_experts: int, tau: int, scale: float, device) -> None:
         self.layers, self.n, self.tau = layers, n_experts, tau
-        self.eye = torch.eye(n_experts, device=device)
-        self.t = 0
+        self.eye = scale * torch.eye(n_experts, device=device)
         self.trace: list[int] = []
-        self.activate(0)
 
-    def activate(self, expert: int) -> None:
-        self.active = expert
+    def start(self, index: list[int], prompts: list[str]) -> None:
+        self.trace = []
+
+    def before_step(self, t: int) -> None:
+        expert = active_expert(t, self.n, self.tau)
+        self.trace.append(expert)
         set_gates(self.layers, self.eye[expert])
 
-    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        self.trace.append(self.active)  # the forward that produced these scores ran with this expert
-        self.t += 1
-        self.activate(active_expert(self.t, self.n, self.tau))
-        return scores
-
-
-@dataclass
-class TextSwitchComposed(Composed):
-    """LoRA Switch for text: one expert active at a time, cycling every τ generated tokens."""
-
-    layers: dict[str, StackedLoraLinear] = field(default_factory=dict)
-    n_experts: int = 1
-    tau: int = 5
-    last_trace: list[int] = field(default_factory=list)  # experts behind the tokens of the last chunk
-
-    def generate(self, prompts: list[str], max_new_tokens: int = 16, batch_size: int = 8, progress: bool = False,
-                 desc: str = "generate", **_) -> list[str]:
-        lm = self.model
-        outputs: list[str] = []
-        for chunk in _chunks(prompts, batch_size, progress, desc):
-            input_ids, mask = encode_prompts(lm, chunk)
-            switch = SwitchExperts(self.layers, self.n_experts, self.tau, lm.device)
-            try:
-                new = greedy_generate(lm, input_ids, mask, max_new_tokens, [switch])
-            finally:
-                set_gates(self.layers, torch.zeros(self.n_experts, device=lm.device))
-            self.last_trace = switch.trace
-            outputs.extend(lm.decode_until_stop(new.tolist()))
-        return outputs
+    def end(self) -> None:
+        set_gates(self.layers, torch.zeros(self.n, device=self.eye.device))
 
 
 def text_switch_compose(ctx: FitContext, cfg=None) -> Iterator[Composed]:
-    """Generator: yields a `TextSwitchComposed` over the pool's experts (stacked layers in place)."""
+    """Generator: yields the Switch model (`SwitchHooks` over the pool's experts, stacked layers in place)."""
     tau = int(cfg.get("tau", 5)) if cfg is not None else 5
     if tau < 1:
         raise ConfigError(f"method.tau={tau}: must be ≥ 1 (tokens per expert)")
-    pool = _select_pool(ctx, cfg)
+    pool, scale = _select_pool(ctx, cfg), lora_scale_of(cfg)
     with stacked_experts(ctx.model.model, pool) as layers:
         set_gates(layers, torch.zeros(len(pool), device=ctx.model.device))
-        report = FitReport(info={"experts": pool.names, "decoding": "switch", "tau": tau})
-        yield TextSwitchComposed(ctx.model, report, "", None, layers=layers, n_experts=len(pool), tau=tau)
+        report = FitReport(info={"experts": pool.names, "decoding": "switch", "tau": tau, "lora_scale": scale})
+        hooks = SwitchHooks(layers, len(pool), tau, scale, ctx.model.device)
+        yield Composed(ctx.model, report, "", None, hooks=hooks)

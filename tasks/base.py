@@ -136,8 +136,8 @@ class GenerativeTask(Task):
         for budget in dict.fromkeys(budgets):  # distinct budgets, first-seen order
             idx = [i for i, b in enumerate(budgets) if b == budget]
             outputs = composed.generate(
-                [self.prompt(examples[i]) for i in idx], max_new_tokens=budget, batch_size=int(self.cfg.batch_size),
-                progress=True, desc=f"{self.registry_name} {composed.variant}".strip(),
+                [self.prompt(examples[i]) for i in idx], max_new_tokens=budget, progress=True,
+                desc=f"{self.registry_name} {composed.variant}".strip(),
             )
             for i, generation in zip(idx, outputs):
                 generations[i] = generation
@@ -152,10 +152,12 @@ class GenerativeTask(Task):
         return value, rows
 
     def evaluate(self, composed: "Composed", subtasks: list[str]) -> tuple[list[Score], list[dict]]:
-        scores, predictions = [], []
+        """Every subtask's eval examples generated together (one engine call per generation budget, so batches
+        fill across subtasks), then scored per subtask; prediction rows in subtask order."""
+        examples = [e for subtask in subtasks for e in self.eval_examples(subtask)]
+        _, rows = self.score_examples(composed, examples)
+        scores = []
         for subtask in subtasks:
-            examples = self.eval_examples(subtask)
-            value, rows = self.score_examples(composed, examples)
-            scores.append(Score(subtask, "exact_match", value, len(examples)))
-            predictions.extend(rows)
-        return scores, predictions
+            own = [r for r in rows if r["subtask"] == subtask]
+            scores.append(Score(subtask, "exact_match", sum(r["correct"] for r in own) / max(len(own), 1), len(own)))
+        return scores, rows

@@ -23,7 +23,7 @@ def result(perf_dir, name: str) -> dict:
 
 
 def test_every_benchmark_is_listed():
-    assert {"merge", "lego", "gated", "lorahub", "composite"} <= set(available())
+    assert {"merge", "lego", "gated", "lorahub", "composite", "eval"} <= set(available())
 
 
 def test_merge_benchmark_and_its_stage_profile(perf_dir):
@@ -56,3 +56,17 @@ def test_lorahub_benchmark(perf_dir):
 def test_composite_benchmark(perf_dir):
     main(["composite", "--quick", "--device", "cpu", "--ns", "2", "--steps", "1", "--repeat", "1", "--warmup", "0"])
     assert result(perf_dir, "composite")["rows"]
+
+
+@pytest.mark.skipif(not (common.Path(__file__).resolve().parents[2] / "shared" / "data" / "bbh").is_dir(),
+                    reason="needs the BBH data of ../shared/data")
+def test_eval_benchmark_quick(perf_dir):
+    """Every method through both generation paths on BBH prompts (tiny model, CPU): the same generations (fp32),
+    and lm-eval's HF backend as the peer row."""
+    main(["eval", "--quick", "--device", "cpu", "--limit", "12"])
+    rows = result(perf_dir, "eval")["rows"]
+    ours = [r for r in rows if r["path"] == "new"]
+    assert {r["method"] for r in ours} == {"base", "linear_folded", "linear_peft", "mole", "lora_flow", "moa",
+                                            "lora_switch", "lora_composite"}
+    assert all(r["differ"] == 0 and r["examples_per_s"] > 0 and r["x_old"] > 0 for r in ours)
+    assert any(r["path"] == "lm-eval HFLM" and r.get("examples_per_s") for r in rows)
