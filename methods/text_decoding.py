@@ -32,13 +32,12 @@ names), ``n`` (optional: sample n experts with the run's seed)).
 from __future__ import annotations
 
 import math
-from typing import Iterator, Sequence
+from typing import Iterator
 
 import torch
 
 from bench.errors import ConfigError
 from bench.generation import RowHooks
-from bench.lm import LanguageModel, _pad
 from bench.pool import ExpertPool
 from bench.stacked import StackedLoraLinear, set_gates, stacked_experts
 from methods.base import Composed, FitContext, FitReport
@@ -54,19 +53,6 @@ def text_switch_schedule(num_tokens: int, n_experts: int, tau: int) -> list[int]
     if tau < 1 or n_experts < 1:
         raise ConfigError(f"LoRA Switch needs tau ≥ 1 and at least one expert (tau={tau}, N={n_experts})")
     return [active_expert(t, n_experts, tau) for t in range(num_tokens)]
-
-
-# --------------------------------------------------------------------------- shared helpers
-
-
-def encode_prompts(lm: LanguageModel, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Input ids and attention mask as the previous fixed-batch path built them (left padding for causal); the
-    tests' reference decoding loops start from it."""
-    ids = [lm.prompt_ids(p) for p in prompts]
-    side = "right" if lm.is_seq2seq else "left"
-    input_ids = _pad(ids, lm.tokenizer.pad_token_id, side=side).to(lm.device)
-    mask = _pad([[1] * len(r) for r in ids], 0, side=side).to(lm.device)
-    return input_ids, mask
 
 
 def _select_pool(ctx: FitContext, cfg) -> ExpertPool:

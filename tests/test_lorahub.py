@@ -16,8 +16,8 @@ from methods.lorahub import (
     factor_layers,
     lorahub_search,
 )
-from methods.text_decoding import encode_prompts
 from tasks.algorithmic import generate
+from tests.conftest import encode_prompts
 
 FIT = [generate("boolean_expressions", "fit", i) for i in range(5)]
 INPUTS = [f"Q: {e.input}\nA:" for e in FIT]

@@ -14,7 +14,7 @@ from methods.moa import (
     route_gates,
 )
 from tasks.algorithmic import generate
-from tests.conftest import random_adapter
+from tests.conftest import encode_prompts, random_adapter
 
 FAMILIES = ["boolean_expressions", "multistep_arithmetic", "word_sorting", "object_counting"]
 CFG = {"name": "moa", "examples_per_expert": 24, "holdout": 0.25, "top_k": 1, "hidden": 0, "epochs": 200,
@@ -113,7 +113,6 @@ def test_mixed_batch_routes_each_row_to_its_own_expert(tiny_lm, task_pool):
 
 
 def moa_inputs(lm, prompts):
-    from methods.text_decoding import encode_prompts
 
     return encode_prompts(lm, prompts)
 

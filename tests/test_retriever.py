@@ -10,9 +10,8 @@ from methods.base import FitContext
 from methods.linear import concat_merge
 from methods.lorahub import compose_official
 from methods.retriever import Retriever, expert_embeddings, load_embedder, retrieval_weights
-from methods.text_decoding import encode_prompts
 from tasks.algorithmic import generate
-from tests.conftest import random_adapter
+from tests.conftest import encode_prompts, random_adapter
 
 FAMILIES = ["boolean_expressions", "multistep_arithmetic", "word_sorting", "object_counting"]
 PROMPT = "Q: {input}\nA:"

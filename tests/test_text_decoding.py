@@ -9,11 +9,11 @@ from methods.base import FitContext
 from methods.text_decoding import (
     CompositeHooks,
     SwitchHooks,
-    encode_prompts,
     text_composite_compose,
     text_switch_compose,
     text_switch_schedule,
 )
+from tests.conftest import encode_prompts
 
 PROMPTS = ["The capital of France is", "( True and not False ) is", "Sort the words: zebra apple mango"]
 MAX_NEW = 8
