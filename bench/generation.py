@@ -268,6 +268,8 @@ def _run(lm, rows: list[list[int]], index: list[int], prompts: list[str], max_ne
         hooks.end()
     if lm.device.type == "cuda":
         torch.cuda.empty_cache()
+    for row_gaps in gaps or []:
+        row_gaps.clear()  # steps recorded by the failed attempt
     half = len(rows) // 2
     log.warning("generation: out of memory at %d rows; retrying as %d + %d", len(rows), half, len(rows) - half)
     parts = [(slice(0, half)), slice(half, len(rows))]

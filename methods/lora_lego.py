@@ -22,7 +22,7 @@ does our result: each module's units are put in a canonical order first (by thei
 pseudo-random direction; two units with equal keys are, almost surely, equal units, whose order is
 immaterial). With it, and experts in name order, the merge depends on the set of units and the seed only.
 
-Reconstruction and dual reweighting (paper §4, "dual reweighting": parameter reweighting against the *norm
+Reconstruction and dual reweighting (the paper's "dual reweighting": parameter reweighting against the *norm
 decay* of averaged units, output reweighting against the *variance expansion* of a rank-k output). The
 paper's text was not readable offline here, so its equation numbers are not cited; the formulas below are the
 ones both public reimplementations we could read use (a `LoRA_LEGO` merge beside KnOTS / TSV-M / Iso-C, and
