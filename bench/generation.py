@@ -113,25 +113,11 @@ def default_token_budget(model: torch.nn.Module) -> int:
     return max(DEFAULT_TOKEN_BUDGET, int(CUDA_MEMORY_SHARE * free / (5 * kv_bytes_per_token(model))))
 
 
-def _left_pad(rows: list[list[int]], pad: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for j, r in enumerate(rows):
-        if r:
-            ids[j, width - len(r):] = torch.tensor(r)
-            mask[j, width - len(r):] = 1
-    return ids.to(device), mask.to(device)
+def _padded(rows: list[list[int]], pad: int, side: str, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Input ids and attention mask of `rows` padded on `side` (`bench.lm._pad`), on `device`."""
+    from bench.lm import _pad
 
-
-def _right_pad(rows: list[list[int]], pad: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for j, r in enumerate(rows):
-        ids[j, : len(r)] = torch.tensor(r, dtype=torch.long)
-        mask[j, : len(r)] = 1
-    return ids.to(device), mask.to(device)
+    return _pad(rows, pad, side).to(device), _pad([[1] * len(r) for r in rows], 0, side).to(device)
 
 
 def _expand(keep: torch.Tensor, b: int, fanout: int) -> torch.Tensor:
@@ -155,7 +141,7 @@ def decode_causal(model: torch.nn.Module, rows: list[list[int]], max_new_tokens:
 
     device = next(model.parameters()).device
     b, fanout = len(rows), hooks.fanout
-    ids, mask = _left_pad(rows, pad, device)
+    ids, mask = _padded(rows, pad, "left", device)
     if fanout > 1:
         ids, mask = ids.repeat(fanout, 1), mask.repeat(fanout, 1)
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
@@ -221,7 +207,7 @@ def decode_generate(model: torch.nn.Module, rows: list[list[int]], max_new_token
     from transformers import LogitsProcessorList
 
     device = next(model.parameters()).device
-    ids, mask = (_right_pad if seq2seq else _left_pad)(rows, pad, device)
+    ids, mask = _padded(rows, pad, "right" if seq2seq else "left", device)
     if hooks.fanout > 1:
         ids, mask = ids.repeat(hooks.fanout, 1), mask.repeat(hooks.fanout, 1)
     hooks.before_step(0)

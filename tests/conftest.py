@@ -46,13 +46,10 @@ def tiny_t5():
 def encode_prompts(lm, prompts) -> tuple[torch.Tensor, torch.Tensor]:
     """Input ids and attention mask of `prompts` as one batch, left-padded for causal LMs (right for seq2seq): what
     the tests' reference decoding loops start from."""
-    from bench.lm import _pad
+    from bench.generation import _padded
 
-    ids = [lm.prompt_ids(p) for p in prompts]
     side = "right" if lm.is_seq2seq else "left"
-    input_ids = _pad(ids, lm.tokenizer.pad_token_id, side=side).to(lm.device)
-    mask = _pad([[1] * len(r) for r in ids], 0, side=side).to(lm.device)
-    return input_ids, mask
+    return _padded([lm.prompt_ids(p) for p in prompts], lm.tokenizer.pad_token_id, side, lm.device)
 
 
 def random_adapter(model: torch.nn.Module, name: str, base: str, targets=("q_proj", "v_proj"), rank: int = 4,
