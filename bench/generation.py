@@ -17,9 +17,18 @@
   (`DynamicCache`); when rows emit a stop token, the batch is compacted (cache, attention mask, positions and the
   hooks' state index-selected), and it ends when every row is done or the budget is spent. Seq2seq models go
   through ``model.generate`` on the same batches, with the hooks as a logits processor (no compaction there).
+- **Grouped-query decode attention.** Decode steps of SDPA models attend through
+  `bench.decode_attention` (the query heads of a KV head as rows of one attention) instead of copying every
+  key/value head per query head; prompt forwards are transformers' own SDPA.
+- **CUDA graphs.** On CUDA, a batch of a method without per-row state (base, folded merges, peft wrappers,
+  LoRA-Flow's in-module gates) decodes over transformers' `StaticCache` with the decode step captured once as a
+  CUDA graph and replayed (`decode_static`): the host no longer launches every kernel of every step, which is
+  where eager decoding of a small model spends its time. The graph is re-captured when half of the rows have
+  finished (the batch is compacted then, not at every stop). Methods with per-row hooks, seq2seq models,
+  attention other than SDPA/eager, and a capture that fails decode eagerly, the reason logged once per call.
 - **The previous path** (`legacy_batch`: fixed batches in input order through ``model.generate``) stays
   available as the reference of the tests and the baseline of ``python -m bench.perf eval``.
-- **Memory.** The budget defaults to ``DEFAULT_TOKEN_BUDGET`` tokens on CPU and, on CUDA, to what a quarter of
+- **Memory.** The budget (`bench.batching`) defaults to ``DEFAULT_TOKEN_BUDGET`` tokens on CPU and, on CUDA, to what a quarter of
   the free memory holds at the model's KV-cache bytes per token; a batch that runs out of memory is split in
   two and retried (logged), down to one row.
 
@@ -30,18 +39,17 @@ top two logits are within rounding of each other (`tests/test_generation.py` fin
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from dataclasses import dataclass
 from typing import Sequence
 
 import torch
 from tqdm.auto import tqdm
 
+from bench.batching import Batch, default_token_budget, plan_batches
+from bench.decode_attention import grouped_decoding
+
 log = logging.getLogger(__name__)
-
-DEFAULT_TOKEN_BUDGET = 16384  # padded tokens per batch on CPU (prompt + new tokens, all rows)
-CUDA_MEMORY_SHARE = 0.25  # of the free device memory, for one batch's KV cache
-
 
 class RowHooks:
     """Per-batch composition state driven by the engine; the default composes nothing (the model as it is)."""
@@ -66,51 +74,6 @@ class RowHooks:
 
 
 NO_HOOKS = RowHooks()
-
-
-@dataclass
-class Batch:
-    index: list[int]  # input positions of the rows, longest prompt first
-    width: int  # longest prompt (tokens)
-
-
-def plan_batches(lengths: Sequence[int], max_new_tokens: int, token_budget: int,
-                 max_rows: int | None = None) -> list[Batch]:
-    """Rows sorted by length (longest first, ties in input order) and cut so that every batch's padded size
-    ``rows × (longest + max_new_tokens)`` is at most `token_budget` (a row that alone exceeds it is a batch)."""
-    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
-    batches: list[Batch] = []
-    for i in order:
-        current = batches[-1] if batches else None
-        if (current is not None and (len(current.index) + 1) * (current.width + max_new_tokens) <= token_budget
-                and (max_rows is None or len(current.index) < max_rows)):
-            current.index.append(i)
-        else:
-            batches.append(Batch([i], lengths[i]))
-    return batches
-
-
-def kv_bytes_per_token(model: torch.nn.Module) -> int:
-    """Bytes of KV cache one token takes in `model` (all layers, keys and values), from its config."""
-    config = getattr(model, "config", None)
-    config = getattr(config, "text_config", None) or config
-    layers = int(getattr(config, "num_hidden_layers", getattr(config, "num_layers", 1)))
-    heads = int(getattr(config, "num_key_value_heads", None) or getattr(config, "num_attention_heads", 1))
-    hidden = int(getattr(config, "hidden_size", getattr(config, "d_model", 1)))
-    head_dim = int(getattr(config, "head_dim", None) or hidden // max(int(getattr(config, "num_attention_heads", 1)), 1))
-    dtype_bytes = next(model.parameters()).element_size()
-    return 2 * layers * heads * head_dim * dtype_bytes
-
-
-def default_token_budget(model: torch.nn.Module) -> int:
-    """`DEFAULT_TOKEN_BUDGET` on CPU; on CUDA the tokens whose KV cache fits in a share of free memory (at
-    least the CPU budget)."""
-    device = next(model.parameters()).device
-    if device.type != "cuda":
-        return DEFAULT_TOKEN_BUDGET
-    free, _ = torch.cuda.mem_get_info(device)
-    # activations and the prompt forward's temporaries are charged like four more caches
-    return max(DEFAULT_TOKEN_BUDGET, int(CUDA_MEMORY_SHARE * free / (5 * kv_bytes_per_token(model))))
 
 
 def _padded(rows: list[list[int]], pad: int, side: str, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -222,8 +185,6 @@ def attention_backends(device: torch.device):
     """On CUDA, scaled-dot-product attention without the cuDNN backend: cuDNN builds a new plan for every new
     key length, i.e. at every decoding step, which made the host the bottleneck (H200 profile of 2,048 BBH
     prompts: 3.2 of 8.0 s in ``_cudnn_attention_forward`` on the CPU, 0.3 s on the GPU). Elsewhere: no change."""
-    import contextlib
-
     if device.type != "cuda":
         return contextlib.nullcontext()
     from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -231,12 +192,123 @@ def attention_backends(device: torch.device):
     return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
 
 
+class _DecodeStep:
+    """The one-token decode forward of a batch over a `StaticCache`: inputs in fixed buffers (token, position,
+    an additive 4-D mask over the cache's columns), replayed from a CUDA graph when `graphs` (captured at the first call,
+    whose eager run on a side stream is that step's real computation), eager otherwise."""
+
+    def __init__(self, model: torch.nn.Module, cache, mask: torch.Tensor, last_position: torch.Tensor,
+                 length: int, graphs: bool) -> None:
+        b, width = mask.shape
+        self.model, self.cache, self.graphs = model, cache, graphs
+        self.blocked = torch.finfo(model.dtype).min
+        self.mask = torch.full((b, 1, 1, length), self.blocked, dtype=model.dtype, device=mask.device)
+        self.mask[:, 0, 0, :width].masked_fill_(mask.bool(), 0.0)  # additive: one mask for every layer
+        self.column = width  # the cache column the next token is written to
+        self.ids = torch.zeros(b, 1, dtype=torch.long, device=mask.device)
+        self.position = last_position.clone()
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.out: torch.Tensor | None = None
+
+    def _forward(self) -> torch.Tensor:
+        return self.model(input_ids=self.ids, attention_mask=self.mask, position_ids=self.position,
+                          past_key_values=self.cache, use_cache=True).logits[:, -1]
+
+    def __call__(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Logits after feeding `tokens` (one per row) at the next cache column."""
+        self.ids.copy_(tokens.view(-1, 1))
+        self.position.add_(1)
+        self.mask[:, :, :, self.column] = 0.0
+        self.column += 1
+        if not self.graphs:
+            return self._forward()
+        if self.graph is not None:
+            self.graph.replay()
+            return self.out
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            logits = self._forward()  # this step, run (kernels chosen, workspaces allocated)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):  # recorded, not run: replays advance the cache's own length counter
+            self.out = self._forward()
+        self.graph = graph
+        return logits
+
+    def select(self, keep: torch.Tensor) -> None:
+        """Only the rows at `keep` go on: cache, buffers index-selected; the graph re-captured at the next call."""
+        for layer in self.cache.layers:
+            layer.keys, layer.values = layer.keys[keep], layer.values[keep]
+            layer.batch_size = len(keep)
+        self.mask, self.ids, self.position = self.mask[keep], self.ids[keep], self.position[keep]
+        self.graph = self.out = None
+
+
+@torch.no_grad()
+def decode_static(model: torch.nn.Module, rows: list[list[int]], max_new_tokens: int, stops: Sequence[int],
+                  pad: int, gaps: list[list[float]] | None = None, graphs: bool = True) -> list[list[int]]:
+    """Greedy continuations like `decode_causal` (no hooks), over transformers' `StaticCache`, the decode step a
+    replayed CUDA graph when `graphs`. Finished rows stay in the batch until half of them have finished; then
+    the batch is compacted (and the graph re-captured)."""
+    from transformers import StaticCache
+
+    device = next(model.parameters()).device
+    b = len(rows)
+    ids, mask = _padded(rows, pad, "left", device)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    length = -(-(ids.shape[1] + max_new_tokens) // 16) * 16  # SDPA's fused kernels want masks in 16s
+    cache = StaticCache(config=model.config, max_cache_len=length)
+    logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
+                   use_cache=True, logits_to_keep=1).logits[:, -1]
+    step = _DecodeStep(model, cache, mask, positions[:, -1:], length, graphs)
+    stop_ids = torch.tensor(sorted(set(stops)), device=device)
+    alive = torch.arange(b, device=device)  # batch positions of the rows still in the batch
+    running = torch.ones(b, dtype=torch.bool, device=device)  # of those, the ones not finished
+    out_tokens: list[list[int]] = [[] for _ in range(b)]
+    for t in range(max_new_tokens):
+        nxt = logits.argmax(-1)
+        for j, token, live in zip(alive.tolist(), nxt.tolist(), running.tolist()):
+            if live:
+                out_tokens[j].append(token)
+        if gaps is not None:
+            for j, gap, live in zip(alive.tolist(), top2_gap(logits), running.tolist()):
+                if live:
+                    gaps[j].append(gap)
+        running &= ~torch.isin(nxt, stop_ids)
+        n_running = int(running.sum())
+        if t == max_new_tokens - 1 or n_running == 0:
+            break
+        if 2 * n_running <= len(alive):
+            keep = running.nonzero().flatten()
+            step.select(keep)
+            alive, nxt, running = alive[keep], nxt[keep], running[keep]
+        logits = step(nxt)
+    return out_tokens
+
+
+def static_decode_obstacle(lm, hooks: RowHooks) -> str | None:
+    """Why a batch of `lm` with `hooks` cannot decode through `decode_static` with CUDA graphs (None: it can)."""
+    if lm.device.type != "cuda":
+        return "not on CUDA"
+    if not lm.cuda_graphs:
+        return "generation.cuda_graphs is off"
+    if lm.is_seq2seq:
+        return "seq2seq model"
+    if type(hooks) is not RowHooks:
+        return f"per-row composition state ({type(hooks).__name__})"
+    attention = getattr(lm.model.config, "_attn_implementation", None)
+    if attention not in ("sdpa", "eager"):
+        return f"attention implementation {attention!r} (static decode needs sdpa or eager)"
+    return None
+
+
 def _is_oom(error: BaseException) -> bool:
     return isinstance(error, torch.cuda.OutOfMemoryError) or "out of memory" in str(error).lower()
 
 
 def _run(lm, rows: list[list[int]], index: list[int], prompts: list[str], max_new_tokens: int,
-         hooks: RowHooks, legacy: bool, gaps: list[list[float]] | None) -> list[list[int]]:
+         hooks: RowHooks, legacy: bool, gaps: list[list[float]] | None, graphs: bool) -> list[list[int]]:
     """One batch through its decoder; on out-of-memory, the two halves in turn (logged)."""
     hooks.start(index, prompts)
     try:
@@ -246,6 +318,8 @@ def _run(lm, rows: list[list[int]], index: list[int], prompts: list[str], max_ne
         with attention_backends(lm.device):
             if lm.is_seq2seq:
                 return decode_generate(*args, seq2seq=True)
+            if graphs:
+                return decode_static(*args[:5], gaps=gaps)
             return decode_causal(*args)
     except (torch.cuda.OutOfMemoryError, RuntimeError) as error:
         if not _is_oom(error) or len(rows) == 1:
@@ -262,7 +336,7 @@ def _run(lm, rows: list[list[int]], index: list[int], prompts: list[str], max_ne
     out = []
     for part in parts:
         sub_gaps = None if gaps is None else gaps[part]
-        out += _run(lm, rows[part], index[part], prompts[part], max_new_tokens, hooks, legacy, sub_gaps)
+        out += _run(lm, rows[part], index[part], prompts[part], max_new_tokens, hooks, legacy, sub_gaps, graphs)
     return out
 
 
@@ -285,12 +359,29 @@ def generate(lm, prompts: Sequence[str], max_new_tokens: int = 16, *, hooks: Row
     else:
         budget = token_budget or default_token_budget(lm.model)
         batches = plan_batches([len(r) for r in rows], max_new_tokens, budget, max_rows)
+    graphs = False
+    if not legacy_batch:
+        obstacle = static_decode_obstacle(lm, hooks)
+        graphs = obstacle is None
+        if obstacle and lm.device.type == "cuda":
+            log.info("generation: eager decoding (%s)", obstacle)
     outputs: list[str | None] = [None] * len(prompts)
-    with tqdm(total=len(prompts), desc=desc, disable=not progress, leave=False) as bar:
+    attention = contextlib.nullcontext() if legacy_batch else grouped_decoding(lm.model)
+    with attention, tqdm(total=len(prompts), desc=desc, disable=not progress, leave=False) as bar:
         for batch in batches:
             batch_gaps = None if gaps is None else [[] for _ in batch.index]
-            new = _run(lm, [rows[i] for i in batch.index], batch.index, [prompts[i] for i in batch.index],
-                       max_new_tokens, hooks, bool(legacy_batch), batch_gaps)
+            args = (lm, [rows[i] for i in batch.index], batch.index, [prompts[i] for i in batch.index],
+                    max_new_tokens, hooks, bool(legacy_batch), batch_gaps)
+            try:
+                new = _run(*args, graphs)
+            except RuntimeError as error:  # a capture the model does not allow: this call decodes eagerly
+                if not graphs or _is_oom(error):
+                    raise
+                log.warning("generation: CUDA-graph decoding failed (%s); eager decoding", error)
+                graphs = False
+                for row_gaps in batch_gaps or []:
+                    row_gaps.clear()
+                new = _run(*args, graphs)
             for k, (i, text) in enumerate(zip(batch.index, lm.decode_until_stop(new, has_start=False))):
                 outputs[i] = text
                 if gaps is not None:

@@ -26,6 +26,7 @@ class LanguageModel:
     token_budget: int | None = None  # padded tokens per generation batch (None: `bench.generation`'s default)
     max_rows: int | None = None  # rows per generation batch at most (None: the budget decides)
     legacy_batch: int | None = None  # set: `generate` takes the previous fixed-batch path (tests, perf baseline)
+    cuda_graphs: bool = True  # on CUDA, hook-free batches decode from a captured CUDA graph (`bench.generation`)
     _base: torch.nn.Module | None = field(default=None, repr=False)
 
     @property
@@ -56,8 +57,16 @@ class LanguageModel:
         Causal LMs: prompt and target concatenated, right-padded. Seq2seq: encoder input and decoder labels.
         Prompts are truncated from the left so the target always fits within `max_len`.
         """
+        rows, labels = self._pair_rows(inputs, targets, max_len)
+        batch = _pad(rows, self.tokenizer.pad_token_id, side="right")
+        out = {"input_ids": batch, "attention_mask": (_pad([[1] * len(r) for r in rows], 0, side="right"))}
+        out["labels"] = _pad(labels, -100, side="right")
+        return {k: v.to(self.device) for k, v in out.items()}
+
+    def _pair_rows(self, inputs: Sequence[str], targets: Sequence[str],
+                   max_len: int) -> tuple[list[list[int]], list[list[int]]]:
+        """Token rows and label rows of `encode_pairs`, unpadded."""
         eos = self.tokenizer.eos_token_id
-        pad = self.tokenizer.pad_token_id
         rows, labels = [], []
         for text, target in zip(inputs, targets):
             prompt = self._ids(self.format_prompt(text))
@@ -70,20 +79,37 @@ class LanguageModel:
                 prompt = prompt[-(max_len - len(tgt)):]
                 rows.append(prompt + tgt)
                 labels.append([-100] * len(prompt) + tgt)
-        batch = _pad(rows, pad, side="right")
-        out = {"input_ids": batch, "attention_mask": (_pad([[1] * len(r) for r in rows], 0, side="right"))}
-        out["labels"] = _pad(labels, -100, side="right")
-        return {k: v.to(self.device) for k, v in out.items()}
+        return rows, labels
 
-    def loss(self, inputs: Sequence[str], targets: Sequence[str], batch_size: int = 8, max_len: int = 512,
-             reduction: str = "mean") -> torch.Tensor:
+    def pair_batches(self, inputs: Sequence[str], targets: Sequence[str], max_len: int = 512,
+                     token_budget: int | None = None) -> list[list[int]]:
+        """Teacher-forcing forward batches: example indices sorted by length (prompt + target, and the decoder's
+        labels for seq2seq), cut so that each batch's padded tokens stay within `token_budget` (default:
+        `bench.batching.loss_token_budget`)."""
+        from bench.batching import loss_token_budget, plan_batches
+
+        rows, labels = self._pair_rows(inputs, targets, max_len)
+        lengths = [len(r) + (len(l) if self.is_seq2seq else 0) for r, l in zip(rows, labels)]
+        budget = token_budget or loss_token_budget(self.model)
+        return [b.index for b in plan_batches(lengths, 0, budget)]
+
+    def loss(self, inputs: Sequence[str], targets: Sequence[str], batch_size: int | None = None,
+             max_len: int = 512, reduction: str = "mean", token_budget: int | None = None) -> torch.Tensor:
         """Mean cross-entropy of the target tokens (graph kept when called with grad enabled).
 
-        reduction="mean": mean over all target tokens; "per_example": one mean per example.
+        reduction="mean": the mean over examples of each example's mean target-token cross-entropy;
+        "per_example": those means, in input order. Forward batches: `pair_batches` (length-sorted, a token
+        budget), or with `batch_size` that many examples in input order (one forward per batch, for callers that
+        read per-forward state such as MoLE's gate records). Either way the same numbers (padding is masked).
         """
-        per_example = []
-        for i in range(0, len(inputs), batch_size):
-            batch = self.encode_pairs(inputs[i : i + batch_size], targets[i : i + batch_size], max_len)
+        if batch_size:
+            plan = [list(range(i, min(i + batch_size, len(inputs)))) for i in range(0, len(inputs), batch_size)]
+        else:
+            plan = self.pair_batches(inputs, targets, max_len, token_budget)
+        per_example, order = [], []
+        for index in plan:
+            order += index
+            batch = self.encode_pairs([inputs[i] for i in index], [targets[i] for i in index], max_len)
             logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                                 **({"labels": batch["labels"]} if self.is_seq2seq else {})).logits
             labels = batch["labels"] if self.is_seq2seq else batch["labels"][:, 1:]
@@ -93,7 +119,7 @@ class LanguageModel:
             )
             mask = (labels != -100).float()
             per_example.append((tok * mask).sum(1) / mask.sum(1).clamp(min=1))
-        losses = torch.cat(per_example)
+        losses = torch.cat(per_example)[torch.as_tensor(order).argsort().to(self.device)]  # input order
         return losses.mean() if reduction == "mean" else losses
 
     def prompt_ids(self, text: str) -> list[int]:

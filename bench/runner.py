@@ -138,6 +138,7 @@ def load_model(cfg: DictConfig):
     lm.token_budget = generation.get("token_budget")
     lm.max_rows = generation.get("max_rows")
     lm.legacy_batch = generation.get("legacy_batch")
+    lm.cuda_graphs = generation.get("cuda_graphs", True)
     return lm
 
 

@@ -197,7 +197,7 @@ class LoraFlow(Method):
 
                 def objective(batch: list[Example]) -> torch.Tensor:
                     return lm.loss([ctx.prompt(e) for e in batch], [e.train_target for e in batch],
-                                   batch_size=len(batch), max_len=tc.max_len)
+                                   max_len=tc.max_len)  # token-budget forwards, the same gradient
 
                 result = train_gates(router.parameters(), examples, objective, tc, ctx.seed)
                 final, stats = fit_loss()

@@ -9,10 +9,12 @@ The official code (sail-sg/lorahub, ``lorahub/algorithm.py``: ``default_l1_regul
 ``0.05 · sum|w| / len(w)``, i.e. the *mean* of |w|; so do we. Its loss (``default_get_loss``) sums each
 batch's token-mean cross-entropy and divides by the number of examples K (with its default of one batch, the
 token mean / K), so the L1 term weighs K× more against the loss than against a plain mean cross-entropy.
-`loss_reduction` chooses ``official`` (default: that objective, Σ_batches token-mean / K; with
-``batch_size`` ≥ K, as in the official default of one batch, it is the official number exactly) or ``mean``
-(labelled non-official: the mean over examples of each example's mean target-token cross-entropy, the same
-number as ``LanguageModel.loss``; K× the official loss, so the L1 term weighs K× less).
+`loss_reduction` chooses ``official`` (default: that objective, Σ_batches token-mean / K, over batches of
+``batch_size`` examples in input order; ``batch_size: null``, the default, is the official one batch of all K)
+or ``mean`` (labelled non-official: the mean over examples of each example's mean target-token cross-entropy,
+the same number as ``LanguageModel.loss``; K× the official loss, so the L1 term weighs K× less). The forward
+passes are length-sorted token-budget batches (`bench.batching`) whatever ``batch_size`` is: each example's
+token sums are gathered back in input order before the objective's batches are formed.
 
 Composition semantics (`semantics`):
 
@@ -236,8 +238,8 @@ class LoraHubProblem:
     """
 
     def __init__(self, lm, pool: ExpertPool, inputs: Sequence[str], targets: Sequence[str], *,
-                 semantics: str = "official", l1: float = 0.05, batch_size: int = 8, max_len: int = 512,
-                 loss_reduction: str = "official", max_groups: int = 1) -> None:
+                 semantics: str = "official", l1: float = 0.05, batch_size: int | None = None, max_len: int = 512,
+                 loss_reduction: str = "official", max_groups: int = 1, token_budget: int | None = None) -> None:
         if semantics not in SEMANTICS:
             raise ConfigError(f"LoraHub semantics={semantics!r}; choose one of {SEMANTICS}")
         if loss_reduction not in LOSS_REDUCTIONS:
@@ -249,8 +251,15 @@ class LoraHubProblem:
         self.lm, self.pool, self.semantics = lm, pool, semantics
         self.l1, self.loss_reduction, self.max_groups = float(l1), loss_reduction, max_groups
         self.n_examples = len(inputs)
-        self.chunks = [lm.encode_pairs(list(inputs[i : i + batch_size]), list(targets[i : i + batch_size]), max_len)
-                       for i in range(0, len(inputs), batch_size)]
+        size = batch_size or len(inputs)  # the objective's batches (official: all K in one)
+        self.objective_batches = [slice(i, i + size) for i in range(0, len(inputs), size)]
+        # forward batches: length-sorted within a token budget shared by the candidates of one forward
+        from bench.batching import loss_token_budget
+
+        budget = (token_budget or loss_token_budget(lm.model)) // max(1, max_groups)
+        self.forwards = [(index, lm.encode_pairs([inputs[i] for i in index], [targets[i] for i in index], max_len))
+                         for index in lm.pair_batches(inputs, targets, max_len, budget)]
+        self.order = torch.as_tensor([i for index, _ in self.forwards for i in index]).argsort()
         self._stack = contextlib.ExitStack()
         self.bank: FactorBank | None = None
         self.layers = None
@@ -279,9 +288,8 @@ class LoraHubProblem:
         W = torch.as_tensor(np.asarray(weights, dtype=np.float64)).float()
         W = W.reshape(1, -1) if W.dim() == 1 else W
         G = W.shape[0]
-        per_chunk = []  # each (G, k) token sums and counts
-        sums, counts = [], []
-        for batch in self.chunks:
+        sums, counts = [], []  # each (G, k): target-token loss sums and counts of a forward's examples
+        for _, batch in self.forwards:
             k = batch["input_ids"].shape[0]
             self._apply(W, k)
             rep = {key: v.repeat(G, 1) if G > 1 else v for key, v in batch.items()}
@@ -294,16 +302,12 @@ class LoraHubProblem:
             mask = (labels != -100).float()
             sums.append((tok * mask).sum(1).view(G, k))
             counts.append(mask.sum(1).view(G, k))
-            per_chunk.append(k)
-        S, C = torch.cat(sums, 1), torch.cat(counts, 1)
+        order = self.order.to(sums[0].device)
+        S, C = torch.cat(sums, 1)[:, order], torch.cat(counts, 1)[:, order]  # examples in input order
         if self.loss_reduction == "mean":
             loss = (S / C.clamp(min=1)).mean(1)
         else:  # official: Σ over batches of the batch's token-mean cross-entropy, divided by the number of examples
-            loss = torch.zeros(G, dtype=S.dtype, device=S.device)
-            start = 0
-            for k in per_chunk:
-                loss += S[:, start : start + k].sum(1) / C[:, start : start + k].sum(1).clamp(min=1)
-                start += k
+            loss = sum(S[:, b].sum(1) / C[:, b].sum(1).clamp(min=1) for b in self.objective_batches)
             loss = loss / self.n_examples
         return loss.double().cpu().numpy()
 
@@ -331,7 +335,7 @@ class SearchResult:
 
 def lorahub_search(lm, pool: ExpertPool, inputs: Sequence[str], targets: Sequence[str], *, semantics: str = "official",
                    budget: int = 40, bound: float = 1.5, l1: float = 0.05, seed: int = 0, population: int = 1,
-                   optimizer: str = "NGOpt", batch_size: int = 8, max_len: int = 512,
+                   optimizer: str = "NGOpt", batch_size: int | None = None, max_len: int = 512,
                    loss_reduction: str = "official") -> SearchResult:
     """LoraHub's gradient-free search of one weight per expert; the model is left as it was."""
     import warnings
@@ -379,7 +383,7 @@ class LoraHub(Method):
         if self.cfg.get("loss_reduction", "official") not in LOSS_REDUCTIONS:
             raise ConfigError(f"method.loss_reduction={self.cfg.loss_reduction!r}; choose from {LOSS_REDUCTIONS}")
         for key, low in (("budget", 1), ("population", 1), ("batch_size", 1)):
-            if key in self.cfg and int(self.cfg[key]) < low:
+            if self.cfg.get(key) is not None and int(self.cfg[key]) < low:
                 raise ConfigError(f"method.{key}={self.cfg[key]}: must be ≥ {low}")
         if float(self.cfg.get("bound", 1.5)) <= 0:
             raise ConfigError(f"method.bound={self.cfg.bound}: must be > 0")
@@ -403,7 +407,8 @@ class LoraHub(Method):
                     ctx.model, pool, inputs, targets, semantics=semantics, budget=int(cfg.get("budget", 40)),
                     bound=float(cfg.get("bound", 1.5)), l1=float(cfg.get("l1", 0.05)), seed=int(ctx.seed),
                     population=int(cfg.get("population", 1)), optimizer=str(cfg.get("optimizer", "NGOpt")),
-                    batch_size=int(cfg.get("batch_size", 8)), max_len=int(cfg.get("max_len", 512)),
+                    batch_size=None if cfg.get("batch_size") is None else int(cfg.batch_size),
+                    max_len=int(cfg.get("max_len", 512)),
                     loss_reduction=str(cfg.get("loss_reduction", "official")),
                 )
                 compose = compose_official if semantics == "official" else compose_exact

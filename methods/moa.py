@@ -98,15 +98,22 @@ def labeled_examples(pool: ExpertPool, n_per_expert: int, seed: int,
 
 
 @torch.no_grad()
-def hidden_features(lm: LanguageModel, prompts: Sequence[str], batch_size: int = 16) -> torch.Tensor:
-    """Mean-pooled last hidden states of `lm.model` (the encoder's for seq2seq), (len(prompts), d), float32.
+def hidden_features(lm: LanguageModel, prompts: Sequence[str], max_rows: int | None = None,
+                    token_budget: int | None = None) -> torch.Tensor:
+    """Mean-pooled last hidden states of `lm.model` (the encoder's for seq2seq), (len(prompts), d), float32, in
+    input order.
 
-    Prompts are formatted and padded as `LanguageModel.generate` does (left padding for causal LMs).
+    Prompts are formatted and padded as `LanguageModel.generate` does (left padding for causal LMs), in
+    length-sorted batches of at most `token_budget` padded tokens (default: the generation budget) and `max_rows`.
     """
-    feats = []
+    from bench.batching import default_token_budget, plan_batches
+
     side = "right" if lm.is_seq2seq else "left"
-    for i in range(0, len(prompts), batch_size):
-        ids = [lm._ids(lm.format_prompt(p))[-lm.max_input_tokens :] for p in prompts[i : i + batch_size]]
+    rows = [lm.prompt_ids(p) for p in prompts]
+    budget = token_budget or lm.token_budget or default_token_budget(lm.model)
+    feats: torch.Tensor | None = None
+    for batch in plan_batches([len(r) for r in rows], 0, budget, max_rows):
+        ids = [rows[i] for i in batch.index]
         input_ids = _pad(ids, lm.tokenizer.pad_token_id, side=side).to(lm.device)
         mask = _pad([[1] * len(r) for r in ids], 0, side=side).to(lm.device)
         if lm.is_seq2seq:
@@ -120,8 +127,11 @@ def hidden_features(lm: LanguageModel, prompts: Sequence[str], batch_size: int =
                 out = lm.model(**kw)
             hidden = out.hidden_states[-1]
         m = mask.unsqueeze(-1).to(hidden.dtype)
-        feats.append(((hidden * m).sum(1) / m.sum(1).clamp(min=1)).float())
-    return torch.cat(feats)
+        pooled = ((hidden * m).sum(1) / m.sum(1).clamp(min=1)).float()
+        if feats is None:
+            feats = pooled.new_empty(len(prompts), pooled.shape[1])
+        feats[batch.index] = pooled
+    return feats
 
 
 class Router(nn.Module):

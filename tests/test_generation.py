@@ -14,7 +14,8 @@ import random
 import pytest
 import torch
 
-from bench.generation import RowHooks, plan_batches
+from bench.batching import plan_batches
+from bench.generation import RowHooks
 from bench.lm import LanguageModel
 from bench.stacked import set_gates, stacked_experts
 from conftest import random_adapter
@@ -163,6 +164,55 @@ def test_mole_gates_follow_their_sequences_through_compaction(tiny_lm, strong, m
         got = tiny_lm.generate(PROMPTS, 12, hooks=hooks, token_budget=300, gaps=gaps)
     assert any(len(a) < len(b) for a, b in zip(alone, got)) or len(set(len(x) for x in got)) > 1
     near_ties(tiny_lm, got, alone, gaps, alone_gaps)
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+def test_static_cache_decoding_equals_the_dynamic_one(tiny_lm, strong, monkeypatch, attention):
+    """`decode_static` (transformers' StaticCache, a 4-D mask over its columns, compaction when half the rows have
+    finished; eager here, a CUDA graph on GPU) gives `decode_causal`'s tokens, row by row, up to near-ties."""
+    from bench.generation import decode_causal, decode_static
+
+    monkeypatch.setattr(tiny_lm.model.config, "_attn_implementation", attention)
+    with tiny_lm.adapter_applied(strong[1]):
+        texts = tiny_lm.generate(PROMPTS, 12)
+        frequent_stops(tiny_lm, texts, monkeypatch)
+        rows = [tiny_lm.prompt_ids(p) for p in PROMPTS]
+        args = (tiny_lm.model, rows, 12, tiny_lm.stop_token_ids(), tiny_lm.tokenizer.pad_token_id)
+        gaps_static, gaps_dynamic = [[] for _ in rows], [[] for _ in rows]
+        static = decode_static(*args, gaps=gaps_static, graphs=False)
+        dynamic = decode_causal(*args, gaps=gaps_dynamic)
+    lengths = [len(r) for r in dynamic]
+    assert min(lengths) < 12 and max(lengths) == 12  # rows finished at different steps (compactions happened)
+    for i, (a, b) in enumerate(zip(static, dynamic)):
+        if a != b:
+            p = next(k for k, (x, y) in enumerate(zip(a + [-1], b + [-2])) if x != y)
+            assert min(gaps_static[i][p], gaps_dynamic[i][p]) < NEAR_TIE, f"row {i} parts at token {p}"
+    assert sum(a == b for a, b in zip(static, dynamic)) >= len(rows) - 1
+    assert [len(g) for g in gaps_static] == [len(r) for r in static]  # finished rows record nothing more
+
+
+def test_static_decoding_is_chosen_only_where_it_applies(tiny_lm, monkeypatch):
+    from bench.generation import static_decode_obstacle
+
+    assert static_decode_obstacle(tiny_lm, RowHooks()) == "not on CUDA"
+    monkeypatch.setattr(LanguageModel, "device", property(lambda self: torch.device("cuda")))
+    assert static_decode_obstacle(tiny_lm, RowHooks()) is None
+    assert "PerRowExpert" in static_decode_obstacle(tiny_lm, PerRowExpert([], 3))
+    monkeypatch.setattr(tiny_lm, "cuda_graphs", False)
+    assert "cuda_graphs is off" in static_decode_obstacle(tiny_lm, RowHooks())
+
+
+def test_a_failed_graph_capture_falls_back_to_eager_decoding(tiny_lm, monkeypatch, caplog):
+    """Where capturing fails (here: no CUDA on this machine), the call decodes eagerly, same outputs, logged."""
+    import bench.generation as generation
+
+    expected = tiny_lm.generate(PROMPTS[:6], 8)
+    monkeypatch.setattr(generation, "static_decode_obstacle", lambda lm, hooks: None)
+    monkeypatch.setattr(torch.cuda, "Stream", lambda: (_ for _ in ()).throw(RuntimeError("no CUDA device")))
+    with caplog.at_level(logging.WARNING, logger="bench.generation"):
+        got = tiny_lm.generate(PROMPTS[:6], 8)
+    assert got == expected
+    assert "CUDA-graph decoding failed (no CUDA device); eager decoding" in caplog.text
 
 
 class OutOfMemoryAbove:

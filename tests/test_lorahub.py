@@ -23,7 +23,7 @@ FIT = [generate("boolean_expressions", "fit", i) for i in range(5)]
 INPUTS = [f"Q: {e.input}\nA:" for e in FIT]
 TARGETS = [e.target for e in FIT]
 CFG = {"name": "lorahub", "n": 20, "semantics": "official", "budget": 40, "bound": 1.5, "l1": 0.05,
-       "optimizer": "NGOpt", "population": 1, "loss_reduction": "official", "batch_size": 8, "max_len": 512}
+       "optimizer": "NGOpt", "population": 1, "loss_reduction": "official", "batch_size": None, "max_len": 512}
 
 
 @pytest.fixture(scope="module")
@@ -116,7 +116,7 @@ def test_default_objective_is_the_official_one(tiny_lm, pool):
     from pathlib import Path
 
     yaml = OmegaConf.load(Path(__file__).resolve().parents[1] / "conf" / "method" / "lorahub.yaml")
-    assert yaml.loss_reduction == "official"
+    assert yaml.loss_reduction == "official" and yaml.batch_size is None  # one batch of all K, as official
     n = len(pool)
     w = np.linspace(-0.8, 0.6, n)
     with LoraHubProblem(tiny_lm, pool, INPUTS, TARGETS) as problem:
@@ -133,6 +133,27 @@ def test_default_objective_is_the_official_one(tiny_lm, pool):
     per_example = [torch.nn.functional.cross_entropy(logits[i, :-1], batch["labels"][i, 1:], ignore_index=-100)
                    for i in range(len(INPUTS))]
     assert mean_loss == pytest.approx(float(sum(per_example)) / len(INPUTS), rel=1e-5)
+
+
+@pytest.mark.parametrize("batch_size", [None, 2])
+def test_objective_batches_are_independent_of_the_forward_batches(tiny_lm, pool, batch_size):
+    """The official loss over batches of `batch_size` examples in input order (None: all K), written out per
+    batch; the forwards are token-budget batches (here a budget small enough for one or two examples each)."""
+    w = np.linspace(0.5, -0.7, len(pool))
+    lengths = [len(r) for r in tiny_lm._pair_rows(INPUTS, TARGETS, 512)[0]]
+    with LoraHubProblem(tiny_lm, pool, INPUTS, TARGETS, batch_size=batch_size,
+                        token_budget=2 * max(lengths)) as problem:
+        assert len(problem.forwards) >= 3
+        loss = problem.losses(w)[0]
+    size = batch_size or len(INPUTS)
+    expected = 0.0
+    with tiny_lm.adapter_applied(compose_official(pool, w)), torch.no_grad():
+        for i in range(0, len(INPUTS), size):
+            batch = tiny_lm.encode_pairs(INPUTS[i : i + size], TARGETS[i : i + size])
+            logits = tiny_lm.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            expected += torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), batch["labels"][:, 1:],
+                                                          ignore_index=-100).item()
+    assert loss == pytest.approx(expected / len(INPUTS), rel=1e-5)
 
 
 def test_search_improves_the_objective_and_is_reproducible(tiny_lm, pool):

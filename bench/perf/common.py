@@ -105,7 +105,7 @@ def write_results(name: str, rows: list[dict], meta: dict, device: torch.device)
 def markdown_table(rows: list[dict]) -> str:
     if not rows:
         return "(no rows)"
-    cols = [c for c in rows[0] if not isinstance(rows[0][c], list)]
+    cols = list(dict.fromkeys(c for r in rows for c in r if not isinstance(r[c], list)))  # every row's, in order
     fmt = lambda v: f"{v:.4g}" if isinstance(v, float) else str(v)  # noqa: E731
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     lines += ["| " + " | ".join(fmt(r.get(c, "")) for c in cols) + " |" for r in rows]

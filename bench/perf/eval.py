@@ -13,6 +13,8 @@ Rows, each method through both paths in the same run:
 - ``old``: the previous path: batches of 8 prompts in file order through ``model.generate``, timed on
   ``--old-limit`` prompts spread evenly over the list (it is 10-80× slower; all prompts would take hours per
   method);
+- ``new, eager decode``: base and the folded merge on CUDA also without CUDA graphs (``differ_from_graphs``:
+  share of prompts whose generation changes);
 - ``x_old`` = new examples/s ÷ old examples/s; ``differ`` = share of the old path's prompts whose generation
   differs between the two paths (batch-dependent rounding in bf16; 0 expected in fp32 up to near-ties).
 Methods: base; a linear merge folded into the weights; the same merge through an unmerged peft wrapper; MoLE and
@@ -41,6 +43,7 @@ TINY_SHAPE = {"model_type": "llama", "hidden_size": 64, "intermediate_size": 128
               "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 2048,
               "tie_word_embeddings": True}
 CPU_LIMIT = 256  # prompts for the new path on CPU without --quick (spread over the subtasks)
+GRAPH_ROWS = ("base", "linear_folded")  # on CUDA also timed with eager decoding
 METHODS = ("base", "linear_folded", "linear_peft", "mole", "lora_flow", "moa", "lora_switch", "lora_composite")
 
 
@@ -244,10 +247,23 @@ def main(argv: list[str] | None = None) -> None:
                 old, t_old = timed(lambda: generate(old_prompts, max_new_tokens=max_new), device)
             finally:
                 lm.legacy_batch = None
+            eager = None
+            if gpu and method in GRAPH_ROWS:  # the engine without CUDA graphs: what the graphs add
+                lm.cuda_graphs = False
+                try:
+                    eager = timed(lambda: generate(new_prompts, max_new_tokens=max_new), device)
+                finally:
+                    lm.cuda_graphs = True
         new_eps, old_eps = len(new_prompts) / t_new, len(old_prompts) / t_old
         differ = sum(new[i] != b for i, b in zip(old_index, old)) / len(old)
         rows.append({"method": method, "path": "new", "examples": len(new_prompts), "seconds": t_new,
                      "examples_per_s": new_eps, "x_old": new_eps / old_eps, "differ": differ})
+        if eager:
+            eager_eps = len(new_prompts) / eager[1]
+            rows.append({"method": method, "path": "new, eager decode (no CUDA graphs)", "examples": len(new_prompts),
+                         "seconds": eager[1], "examples_per_s": eager_eps, "x_old": eager_eps / old_eps,
+                         "differ": sum(eager[0][i] != b for i, b in zip(old_index, old)) / len(old),
+                         "differ_from_graphs": sum(a != b for a, b in zip(new, eager[0])) / len(new)})
         rows.append({"method": method, "path": "old (batch 8, file order)", "examples": len(old_prompts),
                      "seconds": t_old, "examples_per_s": old_eps, "x_old": 1.0, "differ": 0.0})
         print(f"{method:15s} new {new_eps:8.1f}/s  old {old_eps:7.1f}/s  x{new_eps / old_eps:6.1f}  "
