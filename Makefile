@@ -31,9 +31,9 @@ test: install
 experts: install  ## train the profile's expert pool (skipped when its cache is complete)
 	$(BIN)/python -m bench.train_experts profile=$(PROFILE) $(ARGS)
 
-sweep: install  ## a named grid from conf/sweep/<SWEEP>.yaml as a Hydra multirun
-	$(BIN)/python -m bench -m +sweep=$(SWEEP) $(ARGS)
-	$(BIN)/python -m bench.leaderboard --no-plots
+sweep: install  ## a named grid from conf/sweep/<SWEEP>.yaml as a Hydra multirun (exit 1 if any job failed, after the leaderboard)
+	$(BIN)/python -m bench -m +sweep=$(SWEEP) $(ARGS); status=$$?; \
+	$(BIN)/python -m bench.leaderboard --no-plots; exit $$status
 
 leaderboard: install
 	$(BIN)/python -m bench.leaderboard

@@ -33,10 +33,11 @@ KEYS = ["profile", "domain", "task", "method", "variant", "metric"]
 COSTS = ["fit_seconds", "eval_seconds", "peak_memory_mb", "trained_params", "fit_examples"]
 
 
-def load_rows(runs_dir: str | Path) -> pd.DataFrame:
-    """One row per (job, variant, subtask, metric) from the newest ok record of each job."""
+def load_rows(runs_dir: str | Path, skipped: list[tuple[str, str]] | None = None) -> pd.DataFrame:
+    """One row per (job, variant, subtask, metric) from the newest ok record of each job; records that fail
+    validation are left out (and listed in `skipped`: `bench.records.iter_records`)."""
     newest: dict[str, dict] = {}
-    for record in iter_records(runs_dir):
+    for record in iter_records(runs_dir, skipped):
         if record.get("status") != "ok":
             continue
         key = record["job_key"]
@@ -47,11 +48,11 @@ def load_rows(runs_dir: str | Path) -> pd.DataFrame:
         for row in record.get("rows", []):
             rows.append({
                 "job_key": record["job_key"], "profile": record["profile"], "domain": record.get("domain", "nlp"),
-                "task": record["task"], "method": record["method"], "variant": row["variant"] or "",
+                "task": record["task"], "method": record["method"], "variant": row.get("variant") or "",
                 "subtask": row["subtask"], "metric": row["metric"], "value": float(row["value"]),
                 "n": int(row["n"]), "seed": record["seed"], "meaningful": record.get("meaningful", True),
-                "fit_seconds": row["fit_seconds"], "eval_seconds": row["eval_seconds"],
-                "trained_params": row["trained_params"], "fit_examples": row["fit_examples"],
+                "fit_seconds": row.get("fit_seconds"), "eval_seconds": row.get("eval_seconds"),
+                "trained_params": row.get("trained_params"), "fit_examples": row.get("fit_examples"),
                 "peak_memory_mb": record.get("peak_memory_mb"),
             })
     return pd.DataFrame(rows)
@@ -193,10 +194,12 @@ def _save(fig, path: Path) -> Path:
     return path
 
 
-def write(runs_dir: str | Path, out_dir: str | Path, plots: bool = True, replace: bool = False) -> pd.DataFrame:
-    """Build (or with `replace`, update: module docstring) the leaderboard files in `out_dir`."""
+def write(runs_dir: str | Path, out_dir: str | Path, plots: bool = True, replace: bool = False,
+          skipped: list[tuple[str, str]] | None = None) -> pd.DataFrame:
+    """Build (or with `replace`, update: module docstring) the leaderboard files in `out_dir`; records left out
+    are appended to `skipped`."""
     out_dir = Path(out_dir)
-    rows = load_rows(runs_dir)
+    rows = load_rows(runs_dir, skipped)
     if rows.empty:
         raise SystemExit(f"no finished records under {runs_dir}")
     if replace and not (out_dir / "leaderboard.csv").exists():
@@ -221,8 +224,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--update", action="store_true",
                         help="replace only the (profile, task, method) cells found in --runs-dir in the existing CSVs")
     args = parser.parse_args(argv)
-    overall = write(args.runs_dir, args.out, plots=not args.no_plots, replace=args.update)
-    print(markdown(overall))
+    skipped: list[tuple[str, str]] = []
+    try:
+        overall = write(args.runs_dir, args.out, plots=not args.no_plots, replace=args.update, skipped=skipped)
+        print(markdown(overall))
+    finally:
+        if skipped:
+            print(f"\n{len(skipped)} record(s) left out:")
+            for path, reason in skipped:
+                print(f"  {path}: {reason}")
 
 
 if __name__ == "__main__":

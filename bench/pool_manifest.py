@@ -145,6 +145,10 @@ def plan_pool(cfg: DictConfig, data_root: str | None, end_token: str | None = No
     `end_token`, the EOS its targets end with, when a tokenizer is at hand)."""
     per_expert_overrides(cfg)  # validate before building anything
     task = make_task(cfg.train.task, cfg.train.get("task_cfg"), data_root)
+    unknown = [s for s in expert_names(cfg) if s not in task.all_subtasks()]
+    if unknown:
+        raise ConfigError(f"experts.train.subtasks: unknown {cfg.train.task} subtasks {unknown}; "
+                          f"known: {task.all_subtasks()}")
     plans = []
     for name in expert_names(cfg):
         train = effective_train(cfg, name)

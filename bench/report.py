@@ -22,11 +22,12 @@ def main(argv: list[str] | None = None) -> None:
     if not Path(args.csv).is_file():
         raise SystemExit(f"{args.csv} does not exist; run `make leaderboard` first")
     table = pd.read_csv(args.csv, keep_default_na=False, na_values=[""])
+    table["variant"] = table["variant"].fillna("")  # a method without variants
     for key in ("profile", "task"):
         if getattr(args, key):
             table = table[table[key] == getattr(args, key)]
     table = table.sort_values(["profile", "task", "metric", "mean"], ascending=[True, True, True, False])
-    print(table[COLUMNS].to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+    print(table[COLUMNS].to_string(index=False, na_rep="", float_format=lambda v: f"{v:.3f}"))
 
 
 if __name__ == "__main__":

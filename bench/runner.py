@@ -3,7 +3,8 @@
 Order of work:
 1. `prepare` validates everything cheap (method and task names and hyperparameters, domains) — a bad input
    raises `BenchError` before anything is loaded or written.
-2. `find_record` skips a job whose record exists with status ok (unless `force=true`).
+2. `find_record` skips a job whose record exists with status ok (unless `force=true`): same config and same
+   input digests (`bench.inputs`); when only the inputs differ from an earlier record, the log says which.
 3. `execute` runs; a failure there writes a record with status "failed" and the error (see `run`), so a
    sweep goes on and a re-run retries only that job.
 """
@@ -22,7 +23,9 @@ import torch
 from omegaconf import DictConfig
 
 from bench.errors import BenchError, ConfigError
-from bench.records import RECORD_FILE, find_record, git_sha, job_config, job_key, library_versions, write_json_atomic
+from bench.records import (
+    RECORD_FILE, find_record, git_sha, input_key, job_config, job_key, library_versions, write_json_atomic,
+)
 from bench.registry import get_method, get_task
 from bench.tracking import log_record
 from methods.base import Composed, FitContext, Method, Timer
@@ -33,13 +36,15 @@ log = logging.getLogger("bench")
 
 def prepare(cfg: DictConfig) -> tuple[Method, Task]:
     """Method and task objects, validated; raises `BenchError` for bad input and touches no file."""
+    from bench.validate import check_values
+
+    check_values(cfg)
     method = get_method(cfg.method.name)(cfg.method)
     task = get_task(cfg.task.name)(cfg.task, cfg.paths.get("data_root"))
     if task.domain not in method.domains:
         raise ConfigError(f"method {cfg.method.name!r} supports {list(method.domains)}, not the {task.domain!r} task {cfg.task.name!r}")
-    if int(cfg.fit_examples) < 0:
-        raise ConfigError(f"fit_examples={cfg.fit_examples}: must be ≥ 0")
     task.subtasks()  # unknown subtasks fail here
+    task.check_data()  # a data root that does not hold the task's files fails here
     return method, task
 
 
@@ -57,17 +62,25 @@ def run(cfg: DictConfig, output_dir: str | Path, record_input_errors: bool = Fal
     `BenchError` and writes nothing, unless `record_input_errors` (sweeps: every failed job leaves a record
     so the sweep summary and the next re-run see it). Any other failure always writes a failed record.
     """
+    from bench.inputs import changed, describe, job_inputs
+
     method, task = prepare(cfg)
-    key = identity(cfg, method)
+    config_key = identity(cfg, method)
+    inputs = job_inputs(cfg, task)
+    key = input_key(config_key, inputs)
     runs_dir = Path(cfg.paths.runs_dir)
     if not cfg.get("force", False):
         done = find_record(runs_dir, key)
         if done is not None:
             log.info("skip: job %s already done (%s); force=true re-runs it", key, done["_path"])
             return {**done, "skipped": True}
+        earlier = find_record(runs_dir, config_key, field="config_key")
+        if earlier is not None:
+            what = describe(changed(earlier.get("inputs", {}), inputs))
+            log.info("re-running job %s: %s changed since %s", config_key, what, earlier["_path"])
     output_dir = Path(output_dir)
     record = {
-        "job_key": key, "status": "running", "profile": cfg.profile.name, "method": cfg.method.name,
+        "job_key": key, "config_key": config_key, "inputs": inputs, "status": "running", "profile": cfg.profile.name, "method": cfg.method.name,
         "method_params": method.params(), "task": cfg.task.name, "domain": task.domain,
         "model": cfg.model.id, "experts_pool": cfg.experts.name, "seed": int(cfg.seed),
         "meaningful": bool(cfg.profile.meaningful), "git_sha": git_sha(), "versions": library_versions(),
@@ -76,6 +89,9 @@ def run(cfg: DictConfig, output_dir: str | Path, record_input_errors: bool = Fal
     try:
         record.update(execute(cfg, method, task, output_dir))
         record["status"] = "ok"
+        after = job_inputs(cfg, task)  # a pool this job trained is part of its key from now on
+        if after != inputs:
+            record.update(inputs=after, job_key=input_key(config_key, after))
     except Exception as exc:  # the job failed: record it (see `run`), re-raise for the CLI to report
         if record_input_errors or not isinstance(exc, BenchError):
             record.update(status="failed", error=f"{type(exc).__name__}: {exc}", traceback=traceback.format_exc())

@@ -1,8 +1,8 @@
 """The end-of-sweep summary: how many jobs ran, were skipped, or failed (a Hydra callback).
 
 Each job appends one line to ``<sweep dir>/jobs.jsonl`` (an O_APPEND write of one short line, safe across
-the processes of parallel launchers); the callback counts them when the multirun ends and refreshes the
-leaderboard.
+the processes of parallel launchers); the callback counts them when the multirun ends, names the failed
+jobs, and makes the process exit non-zero when any failed.
 """
 
 from __future__ import annotations
@@ -38,7 +38,17 @@ def summarize(sweep_dir: str | Path) -> Counter:
 
 
 class SweepSummary(Callback):
+    """Logs the counts when the multirun ends and exits with status 1 if any job failed (after the summary;
+    `make sweep` rebuilds the leaderboard of what finished either way)."""
+
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
         counts = summarize(config.hydra.sweep.dir)
         log.info("sweep %s: %d ran ok, %d skipped (already done), %d failed", config.hydra.sweep.dir,
                  counts.get("ok", 0), counts.get("skipped", 0), counts.get("failed", 0))
+        if counts.get("failed", 0):
+            failed = [json.loads(line)["overrides"] for line in
+                      (Path(config.hydra.sweep.dir) / JOBS_FILE).read_text().splitlines()
+                      if json.loads(line)["status"] == "failed"]
+            for overrides in failed:
+                log.error("failed: %s", " ".join(overrides))
+            raise SystemExit(1)

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence, TypeVar
 
 import torch
+from tqdm.auto import tqdm
 from torch import nn
 
 from bench.errors import ConfigError
@@ -193,8 +194,9 @@ class TrainResult:
 
 def train_gates(params: list[nn.Parameter], examples: Sequence[Example],
                 objective: Callable[[list[Example]], torch.Tensor], tc: TrainConfig, seed: int,
-                after_step: Callable[[], None] | None = None) -> TrainResult:
-    """Minimize `objective(batch)` over `params` with AdamW (see the module docstring)."""
+                after_step: Callable[[], None] | None = None, desc: str = "fit") -> TrainResult:
+    """Minimize `objective(batch)` over `params` with AdamW (see the module docstring); a progress bar named
+    `desc` shows the steps and the loss."""
     params = [p for p in params if p.requires_grad]
     n_steps = tc.total_steps(len(examples))
     plan = batches(list(examples), tc.batch_size, n_steps, seed)
@@ -202,7 +204,8 @@ def train_gates(params: list[nn.Parameter], examples: Sequence[Example],
     start = time.perf_counter()
     if params and plan:
         opt = torch.optim.AdamW(params, lr=tc.lr, betas=tc.betas, eps=tc.eps, weight_decay=tc.weight_decay)
-        for step, batch in enumerate(plan):
+        bar = tqdm(plan, desc=desc, leave=False, unit="step")
+        for step, batch in enumerate(bar):
             for group in opt.param_groups:
                 group["lr"] = tc.lr * lr_factor(step, len(plan), tc.schedule, tc.warmup_ratio)
             opt.zero_grad(set_to_none=True)
@@ -214,6 +217,7 @@ def train_gates(params: list[nn.Parameter], examples: Sequence[Example],
             if after_step is not None:
                 after_step()
             history.append(float(loss.detach()))
+            bar.set_postfix(loss=f"{history[-1]:.4f}", refresh=False)
     return TrainResult(steps=len(history), seconds=time.perf_counter() - start, history=history)
 
 

@@ -199,7 +199,8 @@ class LoraFlow(Method):
                     return lm.loss([ctx.prompt(e) for e in batch], [e.train_target for e in batch],
                                    max_len=tc.max_len)  # token-budget forwards, the same gradient
 
-                result = train_gates(router.parameters(), examples, objective, tc, ctx.seed)
+                result = train_gates(router.parameters(), examples, objective, tc, ctx.seed,
+                                     desc=f"fit lora_flow {ctx.unit}")
                 final, stats = fit_loss()
             info = {**info_common(tc, initial, final, result.history), "train_seconds": result.seconds,
                     "epochs": tc.epochs, "steps_config": tc.steps,

@@ -40,6 +40,7 @@ from typing import Iterator, Sequence
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 from torch import nn
 from torch.nn import functional as F
 
@@ -360,12 +361,16 @@ def lorahub_search(lm, pool: ExpertPool, inputs: Sequence[str], targets: Sequenc
     with warnings.catch_warnings(), problem:
         warnings.filterwarnings("ignore", message=".*RHOEND.*")  # scipy COBYLA (NGOpt's pick at N≈20, 1 worker)
         zero = float(problem.objective(np.zeros(n))[0])
+        bar = tqdm(total=budget, desc=f"fit lorahub ({optimizer})", leave=False, unit="candidate")
         while len(history) < budget:
             cands = [opt.ask() for _ in range(min(population, budget - len(history)))]
             values = problem.objective(np.stack([c.value for c in cands]))
             for cand, value in zip(cands, values):
                 opt.tell(cand, float(value))
             history.extend(float(v) for v in values)
+            bar.update(len(values))
+            bar.set_postfix(best=f"{min(history):.4f}", refresh=False)
+        bar.close()
         weights = np.asarray(opt.provide_recommendation().value, dtype=np.float64)
         final = float(problem.objective(weights)[0])
     return SearchResult([float(w) for w in weights], final, zero, min(history), len(history), history, optimizer)

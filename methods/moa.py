@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
 import torch
+from tqdm.auto import tqdm
 from torch import nn
 from torch.nn import functional as F
 
@@ -112,7 +113,8 @@ def hidden_features(lm: LanguageModel, prompts: Sequence[str], max_rows: int | N
     rows = [lm.prompt_ids(p) for p in prompts]
     budget = token_budget or lm.token_budget or default_token_budget(lm.model)
     feats: torch.Tensor | None = None
-    for batch in plan_batches([len(r) for r in rows], 0, budget, max_rows):
+    for batch in tqdm(plan_batches([len(r) for r in rows], 0, budget, max_rows), desc="fit moa: features",
+                      leave=False, disable=len(prompts) < 256):
         ids = [rows[i] for i in batch.index]
         input_ids = _pad(ids, lm.tokenizer.pad_token_id, side=side).to(lm.device)
         mask = _pad([[1] * len(r) for r in ids], 0, side=side).to(lm.device)

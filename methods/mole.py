@@ -486,7 +486,8 @@ class Mole(Method):
                     task, balance = step_loss(lm, router, batch, ctx.prompt, tc.max_len)
                     return task + alpha * balance
 
-                result = train_gates(router.parameters(), examples, objective, tc, ctx.seed, after_step=router.project)
+                result = train_gates(router.parameters(), examples, objective, tc, ctx.seed, after_step=router.project,
+                                     desc=f"fit mole {ctx.unit}")
                 final, balance, stats = fit_loss()
             base_config = {"method": "mole", "experts": ctx.pool.names, "base_model": ctx.pool.base_model,
                            "modules": ctx.pool.module_names, "alpha": alpha, **router.config()}

@@ -12,6 +12,7 @@ import hashlib
 import random
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from omegaconf import DictConfig
@@ -80,6 +81,15 @@ class Task(ABC):
             raise ConfigError(f"task {self.registry_name!r}: unknown subtasks {unknown}; known: {known}")
         return list(chosen)
 
+    def check_data(self) -> None:
+        """Raise `DataError` at once when the configured data root lacks this task's files (default: nothing to
+        check; a task that reads its data lazily checks here)."""
+
+    def data_files(self) -> list[Path]:
+        """The files this task reads for its chosen subtasks (their digests are part of a job's key; default:
+        none, e.g. generated data)."""
+        return []
+
     def fit_units(self) -> list[list[str]]:
         """Groups of subtasks that share one fitted composition: each subtask alone (LoraHub's protocol), or
         all together (one composed model scored on every subtask, the MoLE in-domain setting)."""
@@ -115,6 +125,12 @@ class Task(ABC):
         """Scores per subtask and metric, and one prediction row per example."""
 
 
+def _names(examples: list[Example]) -> str:
+    """The subtasks of `examples` for a progress bar: their names, or their count beyond two."""
+    names = list(dict.fromkeys(e.subtask for e in examples))
+    return "+".join(names) if len(names) <= 2 else f"{len(names)} subtasks"
+
+
 class GenerativeTask(Task):
     """Greedy generation scored by exact match after answer extraction. The answer format may differ per
     subtask (a subtask trained on a step-by-step target is read after "the answer is", with a larger
@@ -137,7 +153,7 @@ class GenerativeTask(Task):
             idx = [i for i, b in enumerate(budgets) if b == budget]
             outputs = composed.generate(
                 [self.prompt(examples[i]) for i in idx], max_new_tokens=budget, progress=True,
-                desc=f"{self.registry_name} {composed.variant}".strip(),
+                desc=f"eval {self.registry_name} {_names(examples)} {composed.variant}".strip(),
             )
             for i, generation in zip(idx, outputs):
                 generations[i] = generation

@@ -51,10 +51,23 @@ class BBHTask(GenerativeTask):
         return examples[:n_fit], examples[n_fit:]
 
     def local_dir(self) -> str | None:
-        """``<data_root>/bbh`` when it holds the data, else None (read from the hub)."""
-        if self.data_root and (Path(self.data_root) / "bbh" / "bbh").is_dir():
-            return str(Path(self.data_root) / "bbh")
-        return None
+        """``<data_root>/bbh``; None (read from the hub) only when no data root is set."""
+        if not self.data_root:
+            return None
+        self.check_data()
+        return str(Path(self.data_root) / "bbh")
+
+    def data_files(self) -> list[Path]:
+        if not self.data_root:
+            return []
+        root = Path(self.data_root) / "bbh"
+        files = [root / "bbh" / f"{s}.json" for s in self.subtasks()]
+        return files + ([root / "cot-prompts" / f"{s}.txt" for s in self.subtasks()] if self.cfg.format == "cot" else [])
+
+    def check_data(self) -> None:
+        if self.data_root and not (Path(self.data_root) / "bbh" / "bbh").is_dir():
+            raise DataError(f"paths.data_root={self.data_root} holds no bbh/bbh/ (BBH's JSON files); fix the path, "
+                            f"or set paths.data_root=null to read the hub data set {HUB_DATASET}")
 
     def prompt(self, example: Example) -> str:
         question = self.cfg.prompt_template.format(input=example.input)

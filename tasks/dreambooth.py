@@ -169,6 +169,11 @@ class DreamBoothTask(Task):
             raise DataError("task dreambooth needs paths.data_root (the folder holding dreambooth/)")
         return Path(self.data_root) / str(self.cfg.get("data_subdir", "dreambooth"))
 
+    def data_files(self) -> list[Path]:
+        """The prompts file and the reference photos of every subject of the chosen sets."""
+        subjects = dict.fromkeys(s for name in self.subtasks() for s in set_subjects(name))
+        return [self.data_dir() / PROMPTS_FILE] + [p for s in subjects for p in self.data.subject(s).images]
+
     # --------------------------------------------------------------- subtasks, experts, examples
     def all_subtasks(self) -> list[str]:
         return [str(s) for s in self.cfg.sets]

@@ -85,6 +85,13 @@ class FlanCoTTask(GenerativeTask):
             raise ConfigError(f"task.cot_subtasks: unknown subtasks {unknown}; known: {SUBTASKS}")
         self.cot_subtasks = frozenset(chosen)
 
+    def data_files(self) -> list[Path]:
+        return [Path(self.data_root) / "flan_cot" / f"{s}_train.tsv" for s in self.subtasks()]
+
+    def check_data(self) -> None:
+        if not (Path(self.data_root) / "flan_cot").is_dir():
+            raise DataError(f"paths.data_root={self.data_root} holds no flan_cot/ (the Flan CoT TSV files)")
+
     def is_cot(self, subtask: str) -> bool:
         """Whether `subtask` is trained on rationales and read after "the answer is"."""
         return self.cfg.target_format == "cot" or subtask in self.cot_subtasks

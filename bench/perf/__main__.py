@@ -1,4 +1,7 @@
-"""`python -m bench.perf <benchmark> [args]`; `python -m bench.perf all` runs every benchmark in turn."""
+"""`python -m bench.perf <benchmark> [args]`; `python -m bench.perf all` runs every benchmark in turn.
+
+Without a CUDA device (and without ``--device``), the benchmarks run their ``--quick`` CPU sizes unless ``--full``
+is given."""
 
 from __future__ import annotations
 
@@ -13,12 +16,24 @@ def available() -> list[str]:
     return sorted(m.name for m in pkgutil.iter_modules(perf_pkg.__path__) if m.name not in ("common",) and not m.name.startswith("_"))
 
 
+def _has_gpu(args: list[str]) -> bool:
+    """A CUDA device is present, or the arguments name a device (the benchmark then runs where it is told)."""
+    import torch
+
+    return torch.cuda.is_available() or "--device" in args
+
+
 def main(argv: list[str]) -> None:
     names = available()
     if not argv or argv[0] in ("-h", "--help"):
         print(f"usage: python -m bench.perf {{{','.join(names + ['all'])}}} [options]")
         return
     name, rest = argv[0], argv[1:]
+    if "--full" in rest:
+        rest = [a for a in rest if a != "--full"]
+    elif "--quick" not in rest and not _has_gpu(rest):
+        print("bench.perf: no CUDA device, so the quick (CPU) sizes run; --full runs the GPU sizes here", flush=True)
+        rest = [*rest, "--quick"]
     if name == "all":
         for each in names:
             importlib.import_module(f"bench.perf.{each}").main(rest)
