@@ -110,15 +110,8 @@ class LanguageModel:
         for index in plan:
             order += index
             batch = self.encode_pairs([inputs[i] for i in index], [targets[i] for i in index], max_len)
-            logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                                **({"labels": batch["labels"]} if self.is_seq2seq else {})).logits
-            labels = batch["labels"] if self.is_seq2seq else batch["labels"][:, 1:]
-            logits = logits if self.is_seq2seq else logits[:, :-1]
-            tok = torch.nn.functional.cross_entropy(
-                logits.float().transpose(1, 2), labels, ignore_index=-100, reduction="none"
-            )
-            mask = (labels != -100).float()
-            per_example.append((tok * mask).sum(1) / mask.sum(1).clamp(min=1))
+            sums, counts = target_token_losses(self.model, batch, self.is_seq2seq)
+            per_example.append(sums / counts.clamp(min=1))
         losses = torch.cat(per_example)[torch.as_tensor(order).argsort().to(self.device)]  # input order
         return losses.mean() if reduction == "mean" else losses
 
@@ -219,6 +212,29 @@ def folded(root: torch.nn.Module, deltas: dict[str, torch.Tensor]) -> Iterator[N
         with torch.no_grad():
             for name, original in saved.items():
                 modules[name].weight.copy_(original)
+
+
+def target_token_losses(model: torch.nn.Module, batch: dict, seq2seq: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row of a teacher-forcing `batch` (`LanguageModel.encode_pairs`): the summed cross-entropy of its
+    target tokens and their count. A causal LM's head runs only from the batch's first target position on
+    (``logits_to_keep``): the prompt tokens' logits are never used, and over a 49k vocabulary they were a fifth
+    of a training step's forward and backward."""
+    labels = batch["labels"]
+    if seq2seq:
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=labels).logits
+    else:
+        first = int((labels != -100).int().argmax(1).min())  # the earliest target token of any row
+        keep = labels.shape[1] - max(first - 1, 0)  # positions first-1 … end predict every target token
+        kwargs = dict(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        try:
+            logits = model(**kwargs, logits_to_keep=keep).logits
+        except TypeError:  # a model without logits_to_keep: every position
+            logits = model(**kwargs).logits
+        logits, labels = logits[:, -keep:][:, :-1], labels[:, labels.shape[1] - keep + 1:]
+    tok = torch.nn.functional.cross_entropy(logits.float().transpose(1, 2), labels, ignore_index=-100,
+                                            reduction="none")
+    mask = (labels != -100).float()
+    return (tok * mask).sum(1), mask.sum(1)
 
 
 def adapter_deltas(adapter: LoraAdapter, model: torch.nn.Module) -> dict[str, torch.Tensor]:

@@ -46,6 +46,7 @@ from torch.nn import functional as F
 
 from bench.adapters import LoraAdapter, LoraModule
 from bench.errors import AdapterError, ConfigError
+from bench.lm import target_token_losses
 from bench.pool import ExpertPool
 from bench.registry import register_method
 from bench.stacked import WrappedLinear, stacked_experts
@@ -294,15 +295,9 @@ class LoraHubProblem:
             k = batch["input_ids"].shape[0]
             self._apply(W, k)
             rep = {key: v.repeat(G, 1) if G > 1 else v for key, v in batch.items()}
-            seq2seq = self.lm.is_seq2seq
-            logits = self.lm.model(input_ids=rep["input_ids"], attention_mask=rep["attention_mask"],
-                                   **({"labels": rep["labels"]} if seq2seq else {})).logits
-            labels = rep["labels"] if seq2seq else rep["labels"][:, 1:]
-            logits = logits if seq2seq else logits[:, :-1]
-            tok = F.cross_entropy(logits.float().transpose(1, 2), labels, ignore_index=-100, reduction="none")
-            mask = (labels != -100).float()
-            sums.append((tok * mask).sum(1).view(G, k))
-            counts.append(mask.sum(1).view(G, k))
+            row_sums, row_counts = target_token_losses(self.lm.model, rep, self.lm.is_seq2seq)
+            sums.append(row_sums.view(G, k))
+            counts.append(row_counts.view(G, k))
         order = self.order.to(sums[0].device)
         S, C = torch.cat(sums, 1)[:, order], torch.cat(counts, 1)[:, order]  # examples in input order
         if self.loss_reduction == "mean":
