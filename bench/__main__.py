@@ -1,3 +1,4 @@
+import os
 import sys
 
 from bench.errors import ConfigError
@@ -8,6 +9,8 @@ if __name__ == "__main__":
         refuse_unsafe_overrides(sys.argv[1:])  # before Hydra creates a folder named after them
     except ConfigError as err:
         sys.exit(f"error: {err}")
+    if "hydra/launcher=parallel" in sys.argv[1:]:  # jobs share one terminal: bars would interleave
+        os.environ.setdefault("TQDM_DISABLE", "1")
     from bench.cli import main
 
     main()

@@ -37,6 +37,7 @@ from bench.adapters import LoraAdapter, LoraModule
 from bench.errors import AdapterError, ConfigError
 from bench.lm import folded
 from bench.pool import ExpertPool
+from bench.progress import BARS_OFF
 from bench.stacked import StackedLoraLinear, stacked_experts
 
 SOURCES = ("hub", "local", "tiny")
@@ -347,7 +348,7 @@ class DiffusionModel:
         jobs = [(p, j) for p in prompts for j in range(n_images)]
         images = []
         chunks = range(0, len(jobs), batch_size)
-        for start in tqdm(chunks, desc=desc, disable=not progress, leave=False):
+        for start in tqdm(chunks, desc=desc, disable=not progress or BARS_OFF, leave=False):
             chunk = jobs[start : start + batch_size]
             texts = [p for p, _ in chunk]
             embeds = hooks.embed(self, texts, [negative_prompt] * len(texts), guidance_scale > 1.0)

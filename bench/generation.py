@@ -46,6 +46,8 @@ from typing import Sequence
 import torch
 from tqdm.auto import tqdm
 
+from bench.progress import BARS_OFF
+
 from bench.batching import Batch, default_token_budget, plan_batches
 from bench.decode_attention import grouped_decoding
 
@@ -367,7 +369,7 @@ def generate(lm, prompts: Sequence[str], max_new_tokens: int = 16, *, hooks: Row
             log.info("generation: eager decoding (%s)", obstacle)
     outputs: list[str | None] = [None] * len(prompts)
     attention = contextlib.nullcontext() if legacy_batch else grouped_decoding(lm.model)
-    with attention, tqdm(total=len(prompts), desc=desc, disable=not progress, leave=False) as bar:
+    with attention, tqdm(total=len(prompts), desc=desc, disable=not progress or BARS_OFF, leave=False) as bar:
         for batch in batches:
             batch_gaps = None if gaps is None else [[] for _ in batch.index]
             args = (lm, [rows[i] for i in batch.index], batch.index, [prompts[i] for i in batch.index],

@@ -34,6 +34,7 @@ from bench.errors import ConfigError
 from bench.generation import RowHooks
 from bench.lm import LanguageModel, _pad
 from bench.pool import ExpertPool
+from bench.progress import BARS_OFF
 from bench.registry import register_method
 from bench.stacked import StackedLoraLinear, set_gates, stacked_experts
 from methods.base import Composed, FitContext, FitReport, Method, Timer
@@ -114,7 +115,7 @@ def hidden_features(lm: LanguageModel, prompts: Sequence[str], max_rows: int | N
     budget = token_budget or lm.token_budget or default_token_budget(lm.model)
     feats: torch.Tensor | None = None
     for batch in tqdm(plan_batches([len(r) for r in rows], 0, budget, max_rows), desc="fit moa: features",
-                      leave=False, disable=len(prompts) < 256):
+                      leave=False, disable=len(prompts) < 256 or BARS_OFF):
         ids = [rows[i] for i in batch.index]
         input_ids = _pad(ids, lm.tokenizer.pad_token_id, side=side).to(lm.device)
         mask = _pad([[1] * len(r) for r in ids], 0, side=side).to(lm.device)

@@ -1,105 +1,125 @@
-"""The leaderboard from a fixed set of records equals a hand-computed table."""
+"""The leaderboard (bench/leaderboard.py) from fixed records and predictions: hand-computed means, settings that
+are never averaged together, refused example mismatches, paired tests and ties, normalizations, and tables
+reproduced byte for byte from published records."""
+
+from __future__ import annotations
 
 import json
-import math
+from pathlib import Path
 
-import pandas as pd
+import numpy as np
 import pytest
 
-from bench.leaderboard import build, load_rows, write
+from bench.leaderboard import build, main, write
+from bench.published import publish, read_jobs
+
+N = 10  # examples per subtask
 
 
-def record(path, key, method, seed, values, variant="", status="ok", finished="2026-01-01T00:00:00"):
-    rows = []
-    for subtask, value in values.items():
-        rows.append({"variant": variant, "subtask": subtask, "metric": "exact_match", "value": value, "n": 10,
-                     "unit": subtask, "fit_examples": 5, "fit_steps": 2, "fit_seconds": 1.0, "eval_seconds": 2.0,
-                     "trained_params": 7, "fit_info": {}})
-    rows.append({**rows[0], "subtask": "all", "value": sum(values.values()) / len(values), "n": 10 * len(values)})
+def record(path: Path, key: str, method: str, seed: int, correct: dict[str, list[int]], variant: str = "",
+           status: str = "ok", finished: str = "2026-01-01T00:00:00", limit: int = N, inputs: str = "q") -> None:
+    """A job folder: record.json (rows per subtask and "all") and predictions.jsonl (one row per example)."""
+    rows, preds = [], []
+    for subtask, flags in correct.items():
+        rows.append({"variant": variant, "subtask": subtask, "metric": "exact_match", "value": sum(flags) / len(flags),
+                     "n": len(flags), "unit": subtask, "fit_examples": 5, "fit_steps": 2, "fit_seconds": 1.0,
+                     "eval_seconds": 2.0, "trained_params": 7, "fit_info": {}})
+        preds += [{"variant": variant, "subtask": subtask, "input": f"{inputs}{i}", "target": "t", "generation": "",
+                   "answer": "", "correct": bool(c)} for i, c in enumerate(flags)]
+    macro = sum(r["value"] for r in rows) / len(rows)
+    rows.append({**rows[0], "subtask": "all", "value": macro, "n": sum(r["n"] for r in rows)})
+    config = {"task": {"name": "t", "limit": limit}, "model": {"name": "m"}, "experts": {"name": "pool", "dir": "/x"},
+              "fit_examples": 5}
     path.mkdir(parents=True)
     (path / "record.json").write_text(json.dumps({
-        "job_key": key, "status": status, "profile": "p", "domain": "nlp", "task": "t", "method": method,
-        "seed": seed, "meaningful": True, "rows": rows, "peak_memory_mb": 100.0, "finished_at": finished}))
+        "job_key": key, "config_key": key, "status": status, "profile": "p", "domain": "nlp", "task": "t",
+        "method": method, "seed": seed, "meaningful": True, "rows": rows, "peak_memory_mb": 100.0,
+        "finished_at": finished, "config": config, "method_params": {}}))
+    (path / "predictions.jsonl").write_text("".join(json.dumps(p) + "\n" for p in preds))
+
+
+def flags(score: float, n: int = N) -> list[int]:
+    return [1] * round(score * n) + [0] * (n - round(score * n))
 
 
 @pytest.fixture
 def runs(tmp_path):
     r = tmp_path / "runs"
-    record(r / "1", "k1", "single", 0, {"a": 0.5, "b": 0.7}, variant="expert=x")
-    record(r / "2", "k2", "single", 0, {"a": 0.2, "b": 0.2}, variant="expert=y")
-    record(r / "3", "k3", "linear", 0, {"a": 0.4, "b": 0.6})
-    record(r / "4", "k4", "linear", 1, {"a": 0.6, "b": 0.8})
-    record(r / "5", "k4", "linear", 1, {"a": 0.0, "b": 0.0}, finished="2025-01-01T00:00:00")  # older duplicate
-    record(r / "6", "k5", "linear", 2, {"a": 1.0, "b": 1.0}, status="failed")  # failed: ignored
+    record(r / "1", "k1", "single", 0, {"a": flags(0.5), "b": flags(0.7)}, variant="expert=x")
+    record(r / "2", "k2", "single", 0, {"a": flags(0.2), "b": flags(0.2)}, variant="expert=y")
+    record(r / "3", "k3", "linear", 0, {"a": flags(0.4), "b": flags(0.6)})
+    record(r / "4", "k4", "linear", 1, {"a": flags(0.6), "b": flags(0.8)})
+    record(r / "5", "k4", "linear", 1, {"a": flags(0.0), "b": flags(0.0)}, finished="2025-01-01T00:00:00")  # older
+    record(r / "6", "k5", "linear", 2, {"a": flags(1.0), "b": flags(1.0)}, status="failed")  # failed: ignored
     return r
 
 
 def test_leaderboard_by_hand(runs, tmp_path):
-    overall, per_subtask = build(load_rows(runs))
+    overall, per_subtask = build(read_jobs([runs]))
     linear = overall[overall.method == "linear"].iloc[0]
-    # seed 0: macro 0.5; seed 1: macro 0.7 (the newer record of k4) -> mean 0.6, sample std 0.1414
-    assert linear["mean"] == pytest.approx(0.6) and linear["std"] == pytest.approx(math.sqrt(0.02))
-    assert linear["n_seeds"] == 2 and linear["n_examples"] == 20
-    best_single = 0.6  # expert=x macro (0.5 + 0.7) / 2
-    assert linear["best_single"] == pytest.approx(best_single)
-    assert linear["normalized"] == pytest.approx(0.6 / best_single)
+    # seed 0: macro 0.5; seed 1: macro 0.7 (the newer record of k4) -> mean 0.6
+    assert linear["mean"] == pytest.approx(0.6) and linear["seeds"] == 2 and linear["n"] == 2 * N
+    assert linear["std_seeds"] == pytest.approx(np.std([0.5, 0.7], ddof=1))
+    assert linear["ci_low"] < 0.6 < linear["ci_high"] and 0 < linear["ci_high"] - linear["ci_low"] < 0.7
+    assert linear["best_single"] == pytest.approx(0.6) and linear["normalized"] == pytest.approx(1.0)
     assert linear["fit_seconds"] == 1.0 and linear["trained_params"] == 7
+    assert linear["command"].startswith("python -m bench method=linear task=t profile=p experts=pool")
     single_y = overall[(overall.method == "single") & (overall.variant == "expert=y")].iloc[0]
-    assert single_y["normalized"] == pytest.approx(0.2 / 0.6) and single_y["std"] == 0.0
+    assert single_y["normalized"] == pytest.approx(0.2 / 0.6)
+    assert single_y["p_vs_reference"] < 0.05 and not single_y["tied_with_best"]  # 0.2 vs 0.6 on 20 examples
+    assert bool(linear["tied_with_best"])
     a = per_subtask[(per_subtask.method == "linear") & (per_subtask.subtask == "a")].iloc[0]
-    assert a["mean"] == pytest.approx(0.5) and a["normalized"] == pytest.approx(0.5 / 0.5)
-    write(runs, tmp_path / "out", plots=True)
-    csv = pd.read_csv(tmp_path / "out" / "leaderboard.csv")
-    assert len(csv) == 3 and not csv.duplicated(["profile", "task", "method", "variant", "metric"]).any()
-    assert (tmp_path / "out" / "leaderboard.md").read_text().count("| t ") == 3
-    assert sorted(p.name for p in (tmp_path / "out" / "plots").iterdir()) == ["p_t_exact_match.png", "p_t_exact_match_cost.png"]
+    assert a["mean"] == pytest.approx(0.5) and a["n"] == N
+    write([runs], tmp_path / "out", plots=True)
+    assert (tmp_path / "out" / "leaderboard.md").read_text().count("| linear ") == 1
+    names = sorted(p.name for p in (tmp_path / "out" / "plots").iterdir())
+    assert len(names) == 2 and names[0].endswith("_cost.png") and names[1].endswith("_rank.png")
+
+
+def test_runs_that_differ_in_what_is_measured_are_separate_rows(tmp_path):
+    r = tmp_path / "runs"
+    record(r / "1", "k1", "linear", 0, {"a": flags(0.5, 2)}, limit=2)
+    record(r / "2", "k2", "linear", 0, {"a": flags(0.5, 4)}, limit=4)
+    overall, _ = build(read_jobs([r]))
+    assert sorted(overall["limit"]) == [2, 4] and set(overall["seeds"]) == {1}
+
+
+def test_jobs_scored_on_other_examples_are_left_out_not_averaged(tmp_path):
+    r = tmp_path / "runs"
+    record(r / "1", "k1", "linear", 0, {"a": flags(0.5)})
+    record(r / "2", "k2", "linear", 1, {"a": flags(0.5)}, inputs="other question ")
+    left_out: list[tuple[str, str]] = []
+    overall, _ = build(read_jobs([r]), left_out)
+    assert overall.iloc[0]["seeds"] == 1
+    assert left_out == [(str(r / "2" / "record.json"), "eval examples differ from the other jobs of its setting")]
 
 
 def test_in_domain_rows_are_normalized_by_each_subtasks_own_expert(tmp_path):
     r = tmp_path / "runs"
-    record(r / "1", "k1", "single", 0, {"a": 0.5, "b": 0.2}, variant="expert=a")
-    record(r / "2", "k2", "single", 0, {"a": 0.1, "b": 0.8}, variant="expert=b")
-    record(r / "3", "k3", "mole", 0, {"a": 0.25, "b": 0.6})
-    overall, per_subtask = build(load_rows(r))
+    record(r / "1", "k1", "single", 0, {"a": flags(0.5), "b": flags(0.2)}, variant="expert=a")
+    record(r / "2", "k2", "single", 0, {"a": flags(0.1), "b": flags(0.8)}, variant="expert=b")
+    record(r / "3", "k3", "mole", 0, {"a": flags(0.3), "b": flags(0.6)})
+    overall, per_subtask = build(read_jobs([r]))
     mole = overall[overall.method == "mole"].iloc[0]
-    assert mole["normalized_own"] == pytest.approx((0.25 / 0.5 + 0.6 / 0.8) / 2)  # 0.625
-    assert mole["normalized"] == pytest.approx(0.425 / 0.45)  # ÷ the best single expert's macro score
+    assert mole["normalized_own"] == pytest.approx((0.3 / 0.5 + 0.6 / 0.8) / 2)
+    assert mole["normalized"] == pytest.approx(0.45 / 0.45)
     own = per_subtask.set_index(["method", "variant", "subtask"])["own_expert"]
     assert own[("mole", "", "a")] == 0.5 and own[("mole", "", "b")] == 0.8
 
 
-def test_an_own_expert_scoring_zero_is_left_out_of_the_own_normalization(tmp_path):
-    r = tmp_path / "runs"
-    record(r / "1", "k1", "single", 0, {"a": 0.5, "b": 0.2}, variant="expert=a")
-    record(r / "2", "k2", "single", 0, {"a": 0.1, "b": 0.0}, variant="expert=b")
-    record(r / "3", "k3", "mole", 0, {"a": 0.25, "b": 0.6})
-    overall, _ = build(load_rows(r))
-    assert overall[overall.method == "mole"].iloc[0]["normalized_own"] == pytest.approx(0.5)
-
-
 def test_cross_task_rows_have_no_own_expert_normalization(runs):
-    overall, _ = build(load_rows(runs))  # subtasks a, b; experts x, y: no subtask has its own expert
+    overall, _ = build(read_jobs([runs]))  # subtasks a, b; experts x, y: no subtask has its own expert
     assert overall["normalized_own"].isna().all()
 
 
-def test_update_replaces_only_the_rerun_cells(runs, tmp_path):
-    """A committed leaderboard updated with re-run linear records: linear's rows are the new ones, single's are
-    kept, and linear's normalization uses the kept single rows."""
-    out = tmp_path / "out"
-    write(runs, out, plots=False)
-    before = pd.read_csv(out / "leaderboard.csv")
-    rerun = tmp_path / "rerun"
-    record(rerun / "1", "k3", "linear", 0, {"a": 0.1, "b": 0.3})
-    record(rerun / "2", "k4", "linear", 1, {"a": 0.3, "b": 0.5})
-    write(rerun, out, plots=False, replace=True)
-    after = pd.read_csv(out / "leaderboard.csv")
-    assert len(after) == len(before) == 3
-    linear = after[after.method == "linear"].iloc[0]
-    assert linear["mean"] == pytest.approx(0.3) and linear["n_seeds"] == 2
-    assert linear["normalized"] == pytest.approx(0.3 / 0.6)  # best single (expert=x) kept from the first build
-    single = ["method", "variant", "mean", "std", "normalized"]
-    pd.testing.assert_frame_equal(after[after.method == "single"][single].reset_index(drop=True),
-                                  before[before.method == "single"][single].reset_index(drop=True))
-    subtasks = pd.read_csv(out / "leaderboard_subtasks.csv")
-    a = subtasks[(subtasks.method == "linear") & (subtasks.subtask == "a")].iloc[0]
-    assert a["mean"] == pytest.approx(0.2) and len(subtasks) == 6
+def test_published_records_rebuild_the_tables_byte_for_byte(runs, tmp_path, capsys):
+    published = tmp_path / "published"
+    assert len(publish([runs], published)) == 4  # the newest ok record of each job
+    main(["--runs-dir", str(published), "--out", str(tmp_path / "a"), "--no-plots"])
+    main(["--runs-dir", str(published), "--out", str(tmp_path / "b"), "--no-plots"])
+    assert "read 4 job(s)" in capsys.readouterr().out
+    for name in ("leaderboard.csv", "leaderboard_subtasks.csv", "leaderboard.md"):
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
+    from_runs = tmp_path / "c"
+    main(["--runs-dir", str(runs), "--out", str(from_runs), "--no-plots"])
+    assert (from_runs / "leaderboard.csv").read_bytes() == (tmp_path / "a" / "leaderboard.csv").read_bytes()

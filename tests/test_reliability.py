@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from bench.leaderboard import load_rows
+from bench.published import read_jobs
 from bench.records import iter_records, record_problem, write_json_atomic
 from conftest import random_adapter
 from test_cli import bench, records
@@ -53,8 +53,7 @@ def test_every_malformed_record_is_named_skipped_and_the_rest_read(tmp_path, cap
     for name, (_, reason) in BAD.items():
         assert reason in reasons[str(paths[name])], name
         assert str(paths[name]) in caplog.text
-    frame = load_rows(runs)
-    assert list(frame["job_key"]) == ["k1"]  # the leaderboard reads the good record only
+    assert [j.record["job_key"] for j in read_jobs([runs])] == ["k1"]  # the leaderboard reads the good one only
     assert record_problem({**GOOD, "status": "failed", "rows": []}) is None  # failed records carry no rows
 
 
@@ -78,9 +77,10 @@ def test_leaderboard_lists_what_it_left_out(tmp_path, capsys):
     runs = tmp_path / "runs"
     write_raw(runs / "good", json.dumps(GOOD))
     bad = write_raw(runs / "five", json.dumps({**GOOD, "job_key": "k2", "rows": [{**GOOD_ROW, "value": 5.0}]}))
-    main(["--runs-dir", str(runs), "--out", str(tmp_path / "out"), "--no-plots"])
+    with pytest.raises(SystemExit):  # the good record has no predictions: nothing to tabulate
+        main(["--runs-dir", str(runs), "--out", str(tmp_path / "out"), "--no-plots"])
     out = capsys.readouterr().out
-    assert "1 record(s) left out" in out and str(bad) in out and "outside [0, 1]" in out
+    assert "record(s) left out" in out and str(bad) in out and "outside [0, 1]" in out
 
 
 def test_records_are_readable_by_the_group(tmp_path):
@@ -187,6 +187,13 @@ def test_a_first_run_explains_itself(tmp_path):
     assert "eval algorithmic" in proc.stderr
 
 
+def test_parallel_sweeps_do_not_interleave_progress_bars(tmp_path, monkeypatch):
+    monkeypatch.setenv("BENCH_JOBS", "2")
+    proc = bench("-m", "hydra/launcher=parallel", "method=linear,ties", "task=algorithmic", runs=tmp_path / "runs")
+    assert "2 ran ok" in proc.stdout + proc.stderr
+    assert "eval algorithmic" not in proc.stderr
+
+
 def test_perf_without_cuda_runs_the_quick_sizes(monkeypatch, capsys):
     import importlib
 
@@ -210,10 +217,11 @@ def test_perf_without_cuda_runs_the_quick_sizes(monkeypatch, capsys):
 def test_report_prints_no_nan_for_methods_without_variants(tmp_path, capsys):
     from bench.leaderboard import write
     from bench.report import main
+    from test_leaderboard import flags, record
 
     runs = tmp_path / "runs"
-    write_raw(runs / "good", json.dumps(GOOD))
-    write(runs, tmp_path / "out", plots=False)
+    record(runs / "1", "k1", "linear", 0, {"a": flags(0.5)})
+    write([runs], tmp_path / "out", plots=False)
     main(["--csv", str(tmp_path / "out" / "leaderboard.csv")])
     out = capsys.readouterr().out
     assert "linear" in out and "NaN" not in out and "nan" not in out

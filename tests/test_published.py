@@ -1,0 +1,29 @@
+"""The committed leaderboard is reproducible from the repository: `make leaderboard` on the published records
+(results/published/) rebuilds results/leaderboard.csv, leaderboard_subtasks.csv and leaderboard.md byte for byte."""
+
+from __future__ import annotations
+
+import pytest
+
+from bench.config import PROJECT_ROOT
+from bench.leaderboard import main
+from bench.published import PUBLISHED_DIR, read_jobs
+
+RESULTS = PROJECT_ROOT / "results"
+
+
+def test_every_published_job_is_complete():
+    skipped: list[tuple[str, str]] = []
+    jobs = read_jobs([PUBLISHED_DIR], skipped)
+    assert jobs and skipped == []
+    for job in jobs:
+        assert job.predictions, job.source
+        assert {p["subtask"] for p in job.predictions} >= {r["subtask"] for r in job.record["rows"]} - {"all"}
+
+
+@pytest.mark.parametrize("name", ["leaderboard.csv", "leaderboard_subtasks.csv", "leaderboard.md"])
+def test_the_committed_tables_rebuild_byte_for_byte(tmp_path, name, capsys):
+    main(["--runs-dir", str(PUBLISHED_DIR), "--out", str(tmp_path), "--no-plots"])
+    rebuilt = (tmp_path / name).read_bytes()
+    committed = (RESULTS / name).read_bytes()
+    assert rebuilt == committed, f"results/{name} differs from `make leaderboard`'s; run it and commit"
