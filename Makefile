@@ -29,20 +29,20 @@ test: install
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 experts: install  ## train the profile's expert pool (skipped when its cache is complete)
-	$(BIN)/python -m bench.train_experts profile=$(PROFILE) $(ARGS)
+	$(BIN)/python -m bench.run.train_experts profile=$(PROFILE) $(ARGS)
 
 sweep: install  ## a named grid from conf/sweep/<SWEEP>.yaml as a Hydra multirun; your leaderboard into results/local/ (exit 1 if any job failed)
 	$(BIN)/python -m bench -m +sweep=$(SWEEP) $(ARGS); status=$$?; \
-	$(BIN)/python -m bench.leaderboard --runs-dir results/runs --out results/local --no-plots; exit $$status
+	$(BIN)/python -m bench.analysis.leaderboard --runs-dir results/runs --out results/local --no-plots; exit $$status
 
 leaderboard: install  ## the committed tables, rebuilt from results/published/ (LOCAL=1: from your results/runs into results/local/)
-	$(BIN)/python -m bench.leaderboard $(if $(LOCAL),--runs-dir results/runs --out results/local)
+	$(BIN)/python -m bench.analysis.leaderboard $(if $(LOCAL),--runs-dir results/runs --out results/local)
 
 perf: install  ## performance benchmarks (GPU when present); numbers into results/perf/
 	$(BIN)/python -m bench.perf all
 
 report: install  ## the leaderboard in the terminal and as a static page, results/site/index.html
-	$(BIN)/python -m bench.report --html
+	$(BIN)/python -m bench.analysis.report --html
 
 crosscheck: install  ## our BBH scorer vs lm-eval's BBH task on the same model and examples -> results/crosscheck/
-	$(BIN)/python -m bench.crosscheck $(ARGS)
+	$(BIN)/python -m bench.analysis.crosscheck $(ARGS)

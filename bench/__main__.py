@@ -2,7 +2,7 @@ import os
 import sys
 
 from bench.errors import ConfigError
-from bench.validate import refuse_unsafe_overrides
+from bench.run.validate import refuse_unsafe_overrides
 
 if __name__ == "__main__":
     try:
@@ -11,6 +11,6 @@ if __name__ == "__main__":
         sys.exit(f"error: {err}")
     if "hydra/launcher=parallel" in sys.argv[1:]:  # jobs share one terminal: bars would interleave
         os.environ.setdefault("TQDM_DISABLE", "1")
-    from bench.cli import main
+    from bench.run.cli import main
 
     main()

@@ -30,7 +30,7 @@ def register_resolvers() -> None:
 
 def compose_config(overrides: list[str]) -> DictConfig:
     """The project's config (``conf/config.yaml``) with Hydra `overrides`, composed outside a Hydra app (tools
-    such as `bench.crosscheck` and `bench.mc_ceiling`)."""
+    such as `bench.analysis.crosscheck` and `bench.analysis.mc_ceiling`)."""
     from hydra import compose, initialize_config_dir
 
     register_resolvers()

@@ -60,3 +60,13 @@ def get_task(name: str) -> type:
     if name not in TASKS:
         raise ConfigError(f"unknown task {name!r}; known tasks: {sorted(TASKS)}")
     return TASKS[name]
+
+
+def make_task(name: str, overrides=None, data_root: str | None = None):
+    """Task `name` built from its conf/task YAML with `overrides` (e.g. a pool's ``train.task_cfg``) merged on top."""
+    from omegaconf import OmegaConf
+
+    from bench.config import load_group_option
+
+    cfg = OmegaConf.merge(load_group_option("task", name), overrides or {})
+    return get_task(name)(cfg, data_root)

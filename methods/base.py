@@ -16,8 +16,8 @@ from typing import Any, Callable, Iterator
 
 from omegaconf import DictConfig, OmegaConf
 
-from bench.adapters import LoraAdapter
-from bench.pool import ExpertPool
+from bench.lora.adapters import LoraAdapter
+from bench.lora.pool import ExpertPool
 from tasks.base import Example
 
 
@@ -36,11 +36,11 @@ class FitReport:
 class Composed:
     """What a task evaluates. NLP: `generate(prompts)`; static methods also carry the merged adapter."""
 
-    model: Any  # bench.lm.LanguageModel for NLP
+    model: Any  # bench.models.lm.LanguageModel for NLP
     report: FitReport
     variant: str = ""
     adapter: LoraAdapter | None = None
-    hooks: Any = None  # NLP: the `bench.generation.RowHooks` with the method's per-row state, if it has any
+    hooks: Any = None  # NLP: the `bench.models.generation.RowHooks` with the method's per-row state, if it has any
 
     def generate(self, prompts: list[str], **kwargs) -> list[str]:
         return self.model.generate(prompts, **kwargs) if self.hooks is None else \
@@ -55,7 +55,7 @@ class Composed:
 class FitContext:
     """Everything a method may use. Methods never see the eval set or the task object."""
 
-    model: Any  # bench.lm.LanguageModel for NLP
+    model: Any  # bench.models.lm.LanguageModel for NLP
     pool: ExpertPool
     fit_examples: list[Example]
     seed: int

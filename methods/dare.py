@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from bench.errors import ConfigError
 from bench.registry import register_method
-from methods.merge_ops import DenseMergeMethod
+from methods.ops.merge_ops import DenseMergeMethod
 
 COMBINATIONS = ("linear", "ties")
 

@@ -21,9 +21,9 @@ import math
 
 import torch
 
-from bench.adapters import LoraAdapter, LoraModule
 from bench.errors import ConfigError
-from bench.pool import ExpertPool
+from bench.lora.adapters import LoraAdapter, LoraModule
+from bench.lora.pool import ExpertPool
 from bench.registry import register_method
 from methods.base import Composed, FitContext, FitReport, Method, Timer
 

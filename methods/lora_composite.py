@@ -2,7 +2,7 @@
 
 At every denoising step the model runs once per expert (only that expert active, at ``lora_scale``) on the guidance
 batch ``[uncond; cond]``; the unconditional and the conditional predictions are averaged across experts and then
-classifier-free guidance is applied (the sampler does that after `bench.diffusion.composite_noise`).
+classifier-free guidance is applied (the sampler does that after `bench.models.diffusion.composite_noise`).
 Forms (``method.form``):
 ``batched`` (default: one model call with batch 2B·N, expert i on rows i·2B … (i+1)·2B − 1) or ``serial`` (N calls);
 ``both`` yields both as two variants. They agree to rounding (tested).
@@ -25,8 +25,8 @@ from typing import Iterator
 
 import torch
 
-from bench.diffusion import HookedModel, composite_noise
 from bench.errors import ConfigError
+from bench.models.diffusion import HookedModel, composite_noise
 from bench.registry import register_method
 from methods.base import Composed, FitContext, FitReport, Method
 
@@ -35,7 +35,7 @@ TEXT_ENCODER = ("official", "per_expert")
 
 
 class CompositeHooks:
-    """Sampling hooks (see `bench.diffusion.SamplingHooks`): every expert at every step, predictions averaged.
+    """Sampling hooks (see `bench.models.diffusion.SamplingHooks`): every expert at every step, predictions averaged.
     `text_encoder`: ``official`` (one embedding, all experts in the text encoder) or ``per_expert``."""
 
     def __init__(self, mix, scale: float, batched: bool, text_encoder: str = "official") -> None:
@@ -67,7 +67,7 @@ class LoraComposite(Method):
 
     def compose(self, ctx: FitContext) -> Iterator[Composed]:
         if getattr(ctx.model, "domain", "nlp") != "vl":  # language models: the decoding-time text form
-            from methods.text_decoding import text_composite_compose
+            from methods.ops.text_decoding import text_composite_compose
 
             yield from text_composite_compose(ctx, self.cfg)
             return

@@ -6,7 +6,7 @@ block's first norm, captured by a forward pre-hook on the block module):
     w = softmax(W_l x_t / T) + b_l          W_l (N × d, no bias), b_l (N,) added after the softmax
 
 and every LoRA'd projection of the block outputs ``W x + Σ_i w_i Δh_i(x)``, the N experts computed as one
-stacked LoRA (`bench.stacked.StackedLoraLinear`, per-token gates: one broadcast multiply and two GEMMs).
+stacked LoRA (`bench.lora.stacked.StackedLoraLinear`, per-token gates: one broadcast multiply and two GEMMs).
 The official code (thunlp/LoRAFlow, `TransformerBlock`: `lora_fusion_gate`, `weight_bias`) does exactly this
 for N = 2 on Llama-2; here N is any pool size. As there: W_l starts at zero, T = 1, only W_l and b_l train,
 AdamW (weight decay 0.1, betas (0.9, 0.95), eps 1e-5), gradient clipping at 1.0, a cosine schedule with 20 %
@@ -40,11 +40,11 @@ from torch import nn
 from torch.nn import functional as F
 
 from bench.errors import ConfigError
-from bench.pool import ExpertPool
+from bench.lora.pool import ExpertPool
+from bench.lora.stacked import StackedLoraLinear, block_of
 from bench.registry import register_method
-from bench.stacked import StackedLoraLinear, block_of
 from methods.base import FitContext, FitReport, Method, Timer
-from methods.gates import (GatedComposed, TrainConfig, check_saved_gates, count_params, info_common, load_gates,
+from methods.ops.gates import (GatedComposed, TrainConfig, check_saved_gates, count_params, info_common, load_gates,
                            reads_encoder, router_attached, train_gates)
 from tasks.base import Example
 

@@ -54,11 +54,11 @@ from typing import Iterator, Sequence
 
 import torch
 
-from bench.adapters import LoraAdapter, LoraModule
 from bench.errors import ConfigError
+from bench.lora.adapters import LoraAdapter, LoraModule
 from bench.registry import register_method
 from methods.base import Composed, FitContext, FitReport, Method, Timer
-from methods.merge_ops import check_rank, compute_dtype, max_rank
+from methods.ops.merge_ops import check_rank, compute_dtype, max_rank
 
 Units = tuple[torch.Tensor, torch.Tensor]  # U_a (G, R, d_in), U_b (G, R, d_out): G modules of one shape
 

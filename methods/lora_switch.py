@@ -27,8 +27,8 @@ from typing import Any, Callable, Iterator
 
 import torch
 
-from bench.diffusion import HookedModel
 from bench.errors import ConfigError
+from bench.models.diffusion import HookedModel
 from bench.registry import register_method
 from methods.base import Composed, FitContext, FitReport, Method
 
@@ -60,7 +60,7 @@ def step_end_callback(schedule: list[int], activate: Callable[[int], None]):
 
 
 class SwitchHooks:
-    """Sampling hooks (see `bench.diffusion.SamplingHooks`): expert ``(step // τ) mod N`` alone at each step.
+    """Sampling hooks (see `bench.models.diffusion.SamplingHooks`): expert ``(step // τ) mod N`` alone at each step.
     `text_encoder`: ``official`` (one embedding, first expert in the text encoder) or ``per_expert``."""
 
     def __init__(self, mix, tau: int, scale: float, text_encoder: str = "official") -> None:
@@ -93,7 +93,7 @@ class LoraSwitch(Method):
 
     def compose(self, ctx: FitContext) -> Iterator[Composed]:
         if getattr(ctx.model, "domain", "nlp") != "vl":  # language models: the decoding-time text form
-            from methods.text_decoding import text_switch_compose
+            from methods.ops.text_decoding import text_switch_compose
 
             yield from text_switch_compose(ctx, self.cfg)
             return

@@ -13,7 +13,7 @@ token mean / K), so the L1 term weighs K× more against the loss than against a 
 ``batch_size`` examples in input order; ``batch_size: null``, the default, is the official one batch of all K)
 or ``mean`` (labelled non-official: the mean over examples of each example's mean target-token cross-entropy,
 the same number as ``LanguageModel.loss``; K× the official loss, so the L1 term weighs K× less). The forward
-passes are length-sorted token-budget batches (`bench.batching`) whatever ``batch_size`` is: each example's
+passes are length-sorted token-budget batches (`bench.models.batching`) whatever ``batch_size`` is: each example's
 token sums are gathered back in input order before the objective's batches are formed.
 
 Composition semantics (`semantics`):
@@ -44,12 +44,12 @@ from tqdm.auto import tqdm
 from torch import nn
 from torch.nn import functional as F
 
-from bench.adapters import LoraAdapter, LoraModule
 from bench.errors import AdapterError, ConfigError
-from bench.lm import target_token_losses
-from bench.pool import ExpertPool
+from bench.lora.adapters import LoraAdapter, LoraModule
+from bench.lora.pool import ExpertPool
+from bench.lora.stacked import WrappedLinear, stacked_experts
+from bench.models.lm import target_token_losses
 from bench.registry import register_method
-from bench.stacked import WrappedLinear, stacked_experts
 from methods.base import Composed, FitContext, FitReport, Method, Timer
 from methods.linear import concat_merge
 
@@ -256,7 +256,7 @@ class LoraHubProblem:
         size = batch_size or len(inputs)  # the objective's batches (official: all K in one)
         self.objective_batches = [slice(i, i + size) for i in range(0, len(inputs), size)]
         # forward batches: length-sorted within a token budget shared by the candidates of one forward
-        from bench.batching import loss_token_budget
+        from bench.models.batching import loss_token_budget
 
         budget = (token_budget or loss_token_budget(lm.model)) // max(1, max_groups)
         self.forwards = [(index, lm.encode_pairs([inputs[i] for i in index], [targets[i] for i in index], max_len))

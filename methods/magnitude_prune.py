@@ -8,7 +8,7 @@ Per module: keep each expert's top-`density` magnitudes of ``Δ_i = s_i B_i A_i`
 from __future__ import annotations
 
 from bench.registry import register_method
-from methods.merge_ops import DenseMergeMethod
+from methods.ops.merge_ops import DenseMergeMethod
 
 
 @register_method("magnitude_prune")

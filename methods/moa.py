@@ -10,7 +10,7 @@ expert examples is recorded in `FitReport.info`; the experts chosen at inference
 model (`routes`) and counted in ``report.info["route_counts"]``.
 
 Where labeled examples come from: `expert_examples(adapter, n, seed)` calls the harness's
-``bench.experts.expert_task_examples(adapter, n, seed)`` (training examples of the task each expert was
+``bench.experts.pools.expert_task_examples(adapter, n, seed)`` (training examples of the task each expert was
 trained on, from the adapter's metadata, never eval examples); the router reads them through that task's
 prompt (`task_prompt`) and `format_prompt`, as `generate` reads an eval prompt.
 
@@ -31,12 +31,12 @@ from torch import nn
 from torch.nn import functional as F
 
 from bench.errors import ConfigError
-from bench.generation import RowHooks
-from bench.lm import LanguageModel, _pad
-from bench.pool import ExpertPool
+from bench.lora.pool import ExpertPool
+from bench.lora.stacked import StackedLoraLinear, set_gates, stacked_experts
+from bench.models.generation import RowHooks
+from bench.models.lm import LanguageModel, _pad
 from bench.progress import BARS_OFF
 from bench.registry import register_method
-from bench.stacked import StackedLoraLinear, set_gates, stacked_experts
 from methods.base import Composed, FitContext, FitReport, Method, Timer
 from tasks.base import Example
 
@@ -47,13 +47,13 @@ from tasks.base import Example
 def expert_examples(adapter, n: int, seed: int) -> list[Example]:
     """`n` examples of the task `adapter` was trained on, drawn with `seed` (through the harness)."""
     try:
-        experts = importlib.import_module("bench.experts")
+        experts = importlib.import_module("bench.experts.pools")
     except ImportError:
         experts = None
     provider = getattr(experts, "expert_task_examples", None)
     if provider is None:
         raise ConfigError(
-            f"routing needs examples of each expert's own task, but bench.experts.expert_task_examples is not "
+            f"routing needs examples of each expert's own task, but bench.experts.pools.expert_task_examples is not "
             f"available (expert {adapter.name!r}, metadata {adapter.metadata or {}}); use a pool trained by the "
             "harness (its adapters carry their task in metadata)"
         )
@@ -62,11 +62,11 @@ def expert_examples(adapter, n: int, seed: int) -> list[Example]:
 
 def task_prompt(adapter) -> Callable[[Example], str]:
     """The prompt function of the task `adapter` was trained on (what the expert read in training), from its
-    metadata through ``bench.pool_manifest.make_task``; the raw ``example.input`` when that is not available."""
+    metadata through ``bench.registry.make_task``; the raw ``example.input`` when that is not available."""
     meta = adapter.metadata or {}
     try:
         from bench.config import default_data_root
-        from bench.pool_manifest import make_task
+        from bench.registry import make_task
 
         return make_task(meta["task"], meta.get("task_cfg"), default_data_root()).prompt
     except Exception:  # no task metadata / task not constructible: fall back to the raw input
@@ -108,7 +108,7 @@ def hidden_features(lm: LanguageModel, prompts: Sequence[str], max_rows: int | N
     Prompts are formatted and padded as `LanguageModel.generate` does (left padding for causal LMs), in
     length-sorted batches of at most `token_budget` padded tokens (default: the generation budget) and `max_rows`.
     """
-    from bench.batching import default_token_budget, plan_batches
+    from bench.models.batching import default_token_budget, plan_batches
 
     side = "right" if lm.is_seq2seq else "left"
     rows = [lm.prompt_ids(p) for p in prompts]

@@ -1,6 +1,6 @@
 """`method=mole`: Mixture of LoRA Experts (Wu et al., ICLR 2024; DESIGN §4).
 
-The N frozen experts of every target matrix run as one stacked LoRA (`bench.stacked.StackedLoraLinear`);
+The N frozen experts of every target matrix run as one stacked LoRA (`bench.lora.stacked.StackedLoraLinear`);
 learnable gates weight their outputs, ``y = W x + Σ_i G_i · Δh_i(x)``, handed to each stacked layer per
 forward through its `gate_fn` (one broadcast multiply and two GEMMs, no loop over experts).
 
@@ -30,7 +30,7 @@ within one forward pass, one weight vector per sequence:
 - ``matrix``: one gate per LoRA'd matrix, reading that matrix's experts' outputs;
 - ``layer``: one gate per sub-layer, i.e. per parent module of the LoRA'd matrices
   (``model.layers.3.self_attn``, ``model.layers.3.mlp``; T5: ``encoder.block.1.layer.0.SelfAttention``);
-- ``block`` (default): one gate per transformer block (`bench.stacked.block_of`: ``model.layers.3``), shared
+- ``block`` (default): one gate per transformer block (`bench.lora.stacked.block_of`: ``model.layers.3``), shared
   by all LoRA'd matrices of the block;
 - ``network``: one gate for the whole model.
 
@@ -101,12 +101,12 @@ from torch import nn
 from torch.nn import functional as F
 
 from bench.errors import ConfigError
-from bench.generation import RowHooks
-from bench.pool import ExpertPool
+from bench.lora.pool import ExpertPool
+from bench.lora.stacked import StackedLoraLinear, block_of
+from bench.models.generation import RowHooks
 from bench.registry import register_method
-from bench.stacked import StackedLoraLinear, block_of
 from methods.base import Composed, FitContext, FitReport, Method, Timer
-from methods.gates import (GatedComposed, TrainConfig, check_saved_gates, count_params, info_common, load_gates,
+from methods.ops.gates import (GatedComposed, TrainConfig, check_saved_gates, count_params, info_common, load_gates,
                            reads_encoder, router_attached, stack_of, train_gates)
 from tasks.base import Example
 

@@ -1,7 +1,7 @@
 """`method=mole_diffusion` (also what `method=mole` runs on a diffusion task): MoLE (Mixture of LoRA Experts, Wu et
 al., ICLR 2024) on the diffusion UNet / text encoder.
 
-Frozen experts, all N computed as one stacked LoRA per layer (`bench.stacked.StackedLoraLinear`). A learnable gate per
+Frozen experts, all N computed as one stacked LoRA per layer (`bench.lora.stacked.StackedLoraLinear`). A learnable gate per
 block (``granularity: block``: one per attention module, ``attn1`` / ``attn2`` / ``self_attn``; ``layer``: one per
 LoRA'd linear layer). Every layer of the block adds ``Σ_i G_i Δh_i`` (per batch row) to its frozen output.
 

@@ -4,7 +4,7 @@ Each input is embedded with the real all-MiniLM-L6-v2 sentence encoder (pip pack
 safetensors, offline: BERT → mean pooling over tokens → L2 normalization, what sentence-transformers
 does for this model). Each expert is represented by an embedding of its task: the normalized mean
 embedding of a few prompts of its own task (`expert_embedding: examples`, through the same provider as
-MoA, ``bench.experts.expert_task_examples``) or of a description in its metadata
+MoA, ``bench.experts.pools.expert_task_examples``) or of a description in its metadata
 (``metadata["description"]``; `expert_embedding: description`; `auto` uses descriptions when every expert
 has one). The top-k experts by cosine similarity are composed for that input alone (per batch row):
 
@@ -29,9 +29,9 @@ import torch
 from torch.nn import functional as F
 
 from bench.errors import ConfigError
-from bench.pool import ExpertPool
+from bench.lora.pool import ExpertPool
+from bench.lora.stacked import stacked_experts
 from bench.registry import register_method
-from bench.stacked import stacked_experts
 from methods.base import Composed, FitContext, FitReport, Method, Timer
 from methods.lorahub import common_factors, factor_layers
 from methods.moa import RoutedComposed, expert_prompts, gate_applier

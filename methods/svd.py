@@ -14,11 +14,11 @@ from __future__ import annotations
 
 from typing import Iterator, Sequence
 
-from bench.adapters import LoraAdapter
+from bench.lora.adapters import LoraAdapter
 from bench.registry import register_method
 from methods.base import Composed, FitContext, FitReport, Method, Timer
 from methods.linear import concat_merge, resolve_weights, svd_refactor
-from methods.merge_ops import check_rank, max_rank
+from methods.ops.merge_ops import check_rank, max_rank
 
 
 def svd_merge(adapters: Sequence[LoraAdapter], weights: Sequence[float], rank: int, name: str = "svd") -> LoraAdapter:

@@ -3,7 +3,7 @@
 Per module: trim each Δ_i to its top-`density` magnitudes, elect the majority sign per entry
 (`majority_sign_method`: ``total`` = sign of the summed trimmed deltas, ``frequency`` = the more common
 sign), then the disjoint merge: the weighted mean of the entries that agree with it. The math is
-`methods.merge_ops` (peft's `merge_utils.ties`, batched over experts). weights=null is 1 per expert (the
+`methods.ops.merge_ops` (peft's `merge_utils.ties`, batched over experts). weights=null is 1 per expert (the
 disjoint merge already averages). ``fold: true`` adds the merged ΔW to the base weights; ``fold: false``
 keeps it as a LoRA of `rank` (truncated SVD; null = max r_i), like peft's ``ties_svd``.
 """
@@ -11,7 +11,7 @@ keeps it as a LoRA of `rank` (truncated SVD; null = max r_i), like peft's ``ties
 from __future__ import annotations
 
 from bench.registry import register_method
-from methods.merge_ops import DenseMergeMethod
+from methods.ops.merge_ops import DenseMergeMethod
 
 
 @register_method("ties")

@@ -9,8 +9,8 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from bench.adapters import LoraAdapter, LoraModule
-from bench.pool import ExpertPool
+from bench.lora.adapters import LoraAdapter, LoraModule
+from bench.lora.pool import ExpertPool
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
@@ -31,14 +31,14 @@ def model_cfg(name: str):
 @pytest.fixture(scope="session")
 def tiny_lm():
     """The smoke profile's tiny Llama (SmolLM2 tokenizer), on CPU."""
-    from bench.models import load_language_model
+    from bench.models.loading import load_language_model
 
     return load_language_model(model_cfg("tiny_llama"), CACHE, device="cpu")
 
 
 @pytest.fixture(scope="session")
 def tiny_t5():
-    from bench.models import load_language_model
+    from bench.models.loading import load_language_model
 
     return load_language_model(model_cfg("tiny_t5"), CACHE, device="cpu")
 
@@ -46,7 +46,7 @@ def tiny_t5():
 def encode_prompts(lm, prompts) -> tuple[torch.Tensor, torch.Tensor]:
     """Input ids and attention mask of `prompts` as one batch, left-padded for causal LMs (right for seq2seq): what
     the tests' reference decoding loops start from."""
-    from bench.generation import _padded
+    from bench.models.generation import _padded
 
     side = "right" if lm.is_seq2seq else "left"
     return _padded([lm.prompt_ids(p) for p in prompts], lm.tokenizer.pad_token_id, side, lm.device)

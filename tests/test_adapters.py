@@ -6,9 +6,9 @@ import pytest
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 
-from bench.adapters import LoraAdapter
 from bench.errors import AdapterError
-from bench.pool import ExpertPool
+from bench.lora.adapters import LoraAdapter
+from bench.lora.pool import ExpertPool
 from conftest import random_adapter
 
 

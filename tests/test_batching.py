@@ -1,11 +1,11 @@
-"""Token-budget batches of teacher-forced forwards (bench/batching.py): `LanguageModel.loss` and MoA's hidden
+"""Token-budget batches of teacher-forced forwards (bench/models/batching.py): `LanguageModel.loss` and MoA's hidden
 features give, in input order, what each example gives alone (no padding at all)."""
 
 from __future__ import annotations
 
 import torch
 
-from bench.batching import loss_token_budget
+from bench.models.batching import loss_token_budget
 
 TEXTS = [f"Q: item {i}: " + "apples and pears " * (1 + (5 * i) % 7) + "?\nA:" for i in range(11)]
 TARGETS = [("yes" if i % 2 else "no, " * (i % 4)) + str(i) for i in range(11)]
@@ -58,6 +58,6 @@ def test_moa_features_by_token_budget_equal_one_prompt_at_a_time(tiny_lm):
 
 
 def test_loss_budget_on_cpu_is_the_default(tiny_lm):
-    from bench.batching import DEFAULT_LOSS_TOKEN_BUDGET
+    from bench.models.batching import DEFAULT_LOSS_TOKEN_BUDGET
 
     assert loss_token_budget(tiny_lm.model) == DEFAULT_LOSS_TOKEN_BUDGET

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from bench.published import read_jobs
+from bench.analysis.published import read_jobs
 from conftest import CACHE, ROOT, random_adapter
 
 
@@ -99,7 +99,7 @@ NLP_METHODS = ["base", "single", "oracle", "linear", "ties", "dare", "magnitude_
 
 
 def test_every_nlp_method_end_to_end_into_the_leaderboard(tmp_path):
-    from bench.leaderboard import build
+    from bench.analysis.leaderboard import build
 
     runs = tmp_path / "runs"
     bench("-m", "task=algorithmic", f"method={','.join(NLP_METHODS)}", "fit_examples=2", runs=runs,
@@ -113,5 +113,5 @@ def test_every_nlp_method_end_to_end_into_the_leaderboard(tmp_path):
 
 def test_rescore_refuses_a_dreambooth_pool(tmp_path):
     proc = bench("experts=smoke_dreambooth", "rescore=true", runs=tmp_path / "runs", check=False,
-                 cmd=("-m", "bench.train_experts"))
+                 cmd=("-m", "bench.run.train_experts"))
     assert proc.returncode != 0 and "rescore=true scores language-model pools" in proc.stderr + proc.stdout

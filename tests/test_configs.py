@@ -8,7 +8,7 @@ from omegaconf import OmegaConf
 
 from bench.config import CONF_DIR, register_resolvers
 from bench.errors import DataError
-from bench.models import check_model_config
+from bench.models.loading import check_model_config
 from bench.registry import get_method, get_task
 from conftest import DATA_ROOT
 
@@ -77,7 +77,7 @@ def test_yaml_composes_and_instantiates(rel):
                                            ("lorahub", True), ("mole", True), ("oracle", True), ("lora_lego", True),
                                            ("lora_switch", False), ("lora_composite", False)])
 def test_a_job_no_seed_can_change_has_one_key_for_every_seed(method, seeded):
-    from bench.runner import identity
+    from bench.run.runner import identity
 
     def key(*extra):
         cfg = compose_with([f"method={method}", "task=algorithmic", "profile=smoke", *extra])

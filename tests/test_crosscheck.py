@@ -1,4 +1,4 @@
-"""`bench.crosscheck`: lm-eval's BBH task on local data sees exactly our eval examples; both scorers run end to
+"""`bench.analysis.crosscheck`: lm-eval's BBH task on local data sees exactly our eval examples; both scorers run end to
 end on the tiny Llama; the agreement count is right on known answers (CPU, seconds, no SmolLM2)."""
 
 import json
@@ -6,7 +6,7 @@ import json
 import pytest
 from lm_eval.api.model import LM
 
-from bench.crosscheck import (COLUMNS, FILTERS, VARIANTS, compare, compose_config, crosscheck, example_ids,
+from bench.analysis.crosscheck import (COLUMNS, FILTERS, VARIANTS, compare, compose_config, crosscheck, example_ids,
                               lmeval_task_config, load_lmeval_tasks, score_lmeval, score_ours, write_eval_json)
 from bench.registry import get_task
 from conftest import CACHE

@@ -1,4 +1,4 @@
-"""Grouped-query decode attention (bench/decode_attention.py) against attention written from its definition:
+"""Grouped-query decode attention (bench/models/decode_attention.py) against attention written from its definition:
 for query head h, softmax(q_h·K_g^T · scale + mask) V_g with g = h // (heads / kv_heads)."""
 
 from __future__ import annotations
@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from bench.decode_attention import NAME, grouped_decode_attention, grouped_decoding
+from bench.models.decode_attention import NAME, grouped_decode_attention, grouped_decoding
 
 
 def reference(query, key, value, mask, scale):
@@ -63,7 +63,7 @@ def test_prompt_forwards_are_transformers_sdpa():
 def test_grouped_decoding_switches_an_sdpa_model_and_restores_it(tiny_lm, monkeypatch):
     """Inside the block the model's decode steps go through the grouped function (counted) and generations are
     the plain SDPA model's; afterwards the model is SDPA again."""
-    import bench.decode_attention as module
+    import bench.models.decode_attention as module
 
     config = tiny_lm.model.config
     assert config._attn_implementation == "sdpa" and config.num_key_value_heads < config.num_attention_heads
@@ -79,7 +79,7 @@ def test_grouped_decoding_switches_an_sdpa_model_and_restores_it(tiny_lm, monkey
     with grouped_decoding(tiny_lm.model):
         assert config._attn_implementation == NAME
         rows = [tiny_lm.prompt_ids(p) for p in prompts]
-        from bench.generation import decode_causal
+        from bench.models.generation import decode_causal
 
         grouped = decode_causal(tiny_lm.model, rows, 6, [], tiny_lm.tokenizer.pad_token_id)
     assert config._attn_implementation == "sdpa"

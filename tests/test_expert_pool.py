@@ -13,8 +13,8 @@ from omegaconf import OmegaConf
 
 from bench.config import CONF_DIR, register_resolvers
 from bench.errors import AdapterError, ConfigError
-from bench.experts import rescore_pool, train_pool
-from bench.pool_manifest import (
+from bench.experts.pools import rescore_pool, train_pool
+from bench.experts.manifest import (
     backfill_manifest, effective_train, examples_sha256, expert_problem, plan_pool, pool_problem,
     read_manifest, stale_experts,
 )
@@ -345,10 +345,10 @@ def test_committed_manifests_are_current(pool):
 
 @pytest.mark.parametrize("pool", ["local_algorithmic", "local_flan_cot"])
 def test_committed_experts_beat_the_base_by_a_clear_margin(pool):
-    """The README's claim for the committed pools: each expert's paired test against the base model on its own
+    """The claim for the committed pools (docs/profiles.md): each expert's paired test against the base model on its own
     eval examples has p < 0.01, and the recorded counts agree with the recorded scores."""
     from bench.config import PROJECT_ROOT
-    from bench.train_experts import CLEAR_MARGIN_P
+    from bench.run.train_experts import CLEAR_MARGIN_P
 
     manifest = json.loads((PROJECT_ROOT / "results" / "experts" / pool / "manifest.json").read_text())
     for row in manifest["experts"]:

@@ -1,4 +1,4 @@
-"""The generation engine (bench/generation.py): batching, input order, per-row state through sorting and
+"""The generation engine (bench/models/generation.py): batching, input order, per-row state through sorting and
 compaction, the out-of-memory fallback, and the same predictions as the previous path for every NLP method.
 
 "Same predictions" is checked as the issue defines it: every generation equals the previous path's (fixed
@@ -14,10 +14,10 @@ import random
 import pytest
 import torch
 
-from bench.batching import plan_batches
-from bench.generation import RowHooks
-from bench.lm import LanguageModel
-from bench.stacked import set_gates, stacked_experts
+from bench.lora.stacked import set_gates, stacked_experts
+from bench.models.batching import plan_batches
+from bench.models.generation import RowHooks
+from bench.models.lm import LanguageModel
 from conftest import random_adapter
 
 NEAR_TIE = 1e-4
@@ -121,7 +121,7 @@ def frequent_stops(lm: LanguageModel, texts: list[str], monkeypatch) -> None:
 def test_per_row_state_travels_with_its_row_through_sorting_and_compaction(tiny_lm, strong, monkeypatch):
     """Rows of different lengths, each with its own expert: sorted, batched and compacted, every row still gets
     the continuation its expert gives it alone (the expert folded into the weights, one prompt at a time)."""
-    from bench.pool import ExpertPool
+    from bench.lora.pool import ExpertPool
 
     texts = []
     for i, prompt in enumerate(PROMPTS):
@@ -147,7 +147,7 @@ def test_per_row_state_travels_with_its_row_through_sorting_and_compaction(tiny_
 def test_mole_gates_follow_their_sequences_through_compaction(tiny_lm, strong, monkeypatch):
     """MoLE computes one gate vector per sequence on its prompt forward; after rows leave the batch, the others
     keep theirs: batched generation equals each prompt generated alone with the same gates."""
-    from bench.pool import ExpertPool
+    from bench.lora.pool import ExpertPool
     from methods.mole import mole_attached
 
     pool = ExpertPool(tiny_lm.model_id, strong)
@@ -170,7 +170,7 @@ def test_mole_gates_follow_their_sequences_through_compaction(tiny_lm, strong, m
 def test_static_cache_decoding_equals_the_dynamic_one(tiny_lm, strong, monkeypatch, attention):
     """`decode_static` (transformers' StaticCache, a 4-D mask over its columns, compaction when half the rows have
     finished; eager here, a CUDA graph on GPU) gives `decode_causal`'s tokens, row by row, up to near-ties."""
-    from bench.generation import decode_causal, decode_static
+    from bench.models.generation import decode_causal, decode_static
 
     monkeypatch.setattr(tiny_lm.model.config, "_attn_implementation", attention)
     with tiny_lm.adapter_applied(strong[1]):
@@ -192,7 +192,7 @@ def test_static_cache_decoding_equals_the_dynamic_one(tiny_lm, strong, monkeypat
 
 
 def test_static_decoding_is_chosen_only_where_it_applies(tiny_lm, monkeypatch):
-    from bench.generation import static_decode_obstacle
+    from bench.models.generation import static_decode_obstacle
 
     assert static_decode_obstacle(tiny_lm, RowHooks()) == "not on CUDA"
     monkeypatch.setattr(LanguageModel, "device", property(lambda self: torch.device("cuda")))
@@ -204,12 +204,12 @@ def test_static_decoding_is_chosen_only_where_it_applies(tiny_lm, monkeypatch):
 
 def test_a_failed_graph_capture_falls_back_to_eager_decoding(tiny_lm, monkeypatch, caplog):
     """Where capturing fails (here: no CUDA on this machine), the call decodes eagerly, same outputs, logged."""
-    import bench.generation as generation
+    import bench.models.generation as generation
 
     expected = tiny_lm.generate(PROMPTS[:6], 8)
     monkeypatch.setattr(generation, "static_decode_obstacle", lambda lm, hooks: None)
     monkeypatch.setattr(torch.cuda, "Stream", lambda: (_ for _ in ()).throw(RuntimeError("no CUDA device")))
-    with caplog.at_level(logging.WARNING, logger="bench.generation"):
+    with caplog.at_level(logging.WARNING, logger="bench.models.generation"):
         got = tiny_lm.generate(PROMPTS[:6], 8)
     assert got == expected
     assert "CUDA-graph decoding failed (no CUDA device); eager decoding" in caplog.text
@@ -237,7 +237,7 @@ def test_out_of_memory_halves_the_batch_and_retries(tiny_lm, caplog):
     fake = OutOfMemoryAbove(tiny_lm.model, limit=3)
     lm = LanguageModel(fake, tiny_lm.tokenizer, tiny_lm.model_id, chat=tiny_lm.chat,
                        system_prompt=tiny_lm.system_prompt)
-    with caplog.at_level(logging.WARNING, logger="bench.generation"):
+    with caplog.at_level(logging.WARNING, logger="bench.models.generation"):
         got = lm.generate(PROMPTS[:10], 8, token_budget=100_000)
     assert got == expected
     assert fake.largest == 3
@@ -255,7 +255,7 @@ def test_every_method_predicts_as_the_previous_path(method, tmp_path, monkeypatc
     """A smoke job of `method` in which every generation runs both paths (new first, its outputs scored);
     each pair must agree up to near-ties."""
     from bench.config import compose_config
-    from bench.runner import run
+    from bench.run.runner import run
 
     original = LanguageModel.generate
     compared, ties = [], []

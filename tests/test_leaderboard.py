@@ -1,4 +1,4 @@
-"""The leaderboard (bench/leaderboard.py) from fixed records and predictions: hand-computed means, settings that
+"""The leaderboard (bench/analysis/leaderboard.py) from fixed records and predictions: hand-computed means, settings that
 are never averaged together, refused example mismatches, paired tests and ties, normalizations, and tables
 reproduced byte for byte from published records."""
 
@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from bench.leaderboard import build, main, write
-from bench.published import publish, read_jobs
+from bench.analysis.leaderboard import build, main, write
+from bench.analysis.published import publish, read_jobs
 
 N = 10  # examples per subtask
 

@@ -11,9 +11,9 @@ import pytest
 from hydra import compose, initialize_config_dir
 
 from bench.config import CONF_DIR, PROJECT_ROOT, register_resolvers
-from bench.experts import load_pool, manifest_scores
-from bench.pool_manifest import make_task
-from bench.runner import load_model, run
+from bench.experts.pools import load_pool, manifest_scores
+from bench.registry import make_task
+from bench.run.runner import load_model, run
 
 pytestmark = pytest.mark.slow
 register_resolvers()

@@ -13,9 +13,9 @@ from omegaconf import OmegaConf
 
 from bench.errors import ConfigError
 from methods.base import FitContext
-from methods.gates import load_gates
 from methods.linear import concat_merge
 from methods.lora_flow import LoraFlow, attach_saved_gates, lora_flow_attached
+from methods.ops.gates import load_gates
 from tasks.algorithmic import generate
 
 PROMPTS = ["not True and False is", "( True or False ) and not False is"]
@@ -221,7 +221,7 @@ def test_save_and_reload_gives_identical_outputs(tiny_lm, make_pool, tmp_path):
 
 
 def test_seq2seq_cross_attention(tiny_t5):
-    from bench.pool import ExpertPool
+    from bench.lora.pool import ExpertPool
     from tests.conftest import random_adapter
 
     pool = ExpertPool(tiny_t5.model_id, [random_adapter(tiny_t5.model, f"e{i}", tiny_t5.model_id, targets=("q", "v"),
@@ -240,7 +240,7 @@ def test_seq2seq_cross_attention(tiny_t5):
 
 
 def test_training_schedule_and_batches():
-    from methods.gates import TrainConfig, batches, lr_factor
+    from methods.ops.gates import TrainConfig, batches, lr_factor
 
     examples = fit_examples(5)
     plan = batches(examples, 2, 6, seed=3)

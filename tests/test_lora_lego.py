@@ -12,8 +12,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from bench.adapters import LoraAdapter, LoraModule
 from bench.errors import ConfigError
+from bench.lora.adapters import LoraAdapter, LoraModule
 from methods.linear import concat_merge, dense_deltas
 from methods.lora_lego import kmeans_gram, lego_cluster, lego_merge, lego_shrink, module_units, unit_groups
 

@@ -5,8 +5,8 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from bench.adapters import LoraAdapter
 from bench.errors import AdapterError, ConfigError
+from bench.lora.adapters import LoraAdapter
 from methods.base import FitContext
 from methods.lorahub import (
     LoraHub,
@@ -28,7 +28,7 @@ CFG = {"name": "lorahub", "n": 20, "semantics": "official", "budget": 40, "bound
 
 @pytest.fixture(scope="module")
 def pool(tiny_lm):
-    from bench.pool import ExpertPool
+    from bench.lora.pool import ExpertPool
     from tests.conftest import random_adapter
 
     return ExpertPool(tiny_lm.model_id, [random_adapter(tiny_lm.model, f"e{i}", tiny_lm.model_id, rank=4,
@@ -214,7 +214,7 @@ def test_bad_configs():
 
 def test_seq2seq_candidates_equal_each_expert(tiny_t5):
     """LoraHub's own setting is a seq2seq model (flan-t5): encoder and decoder LoRAs, labels through the decoder."""
-    from bench.pool import ExpertPool
+    from bench.lora.pool import ExpertPool
     from tests.conftest import random_adapter
 
     t5_pool = ExpertPool(tiny_t5.model_id, [random_adapter(tiny_t5.model, f"t{i}", tiny_t5.model_id, targets=("q", "v"),

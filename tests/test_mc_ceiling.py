@@ -1,12 +1,12 @@
-"""`tasks.flan_cot.options` and `bench.mc_ceiling`: Flan multiple-choice inputs split into question, options and
+"""`tasks.flan_cot.options` and `bench.analysis.mc_ceiling`: Flan multiple-choice inputs split into question, options and
 gold; lm-eval builds the inline multiple-choice task from them; the check runs end to end on the tiny Llama."""
 
 import pytest
 
-from bench.crosscheck import load_lmeval_tasks
+from bench.analysis.crosscheck import load_lmeval_tasks
+from bench.analysis.mc_ceiling import COLUMNS, ceiling, choice_docs, compose_config, lmeval_mc_config
 from bench.errors import DataError
-from bench.mc_ceiling import COLUMNS, ceiling, choice_docs, compose_config, lmeval_mc_config
-from bench.records import write_json_atomic
+from bench.files import write_json_atomic
 from conftest import CACHE
 from tasks.base import Example
 from tasks.flan_cot import options

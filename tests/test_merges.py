@@ -19,13 +19,13 @@ import torch
 from omegaconf import OmegaConf
 from peft.utils import merge_utils
 
-from bench.adapters import LoraAdapter, LoraModule
 from bench.errors import ConfigError
-from bench.pool import ExpertPool
+from bench.lora.adapters import LoraAdapter, LoraModule
+from bench.lora.pool import ExpertPool
 from bench.registry import get_method
 from methods.base import FitContext
 from methods.linear import concat_merge, dense_deltas
-from methods.merge_ops import (
+from methods.ops.merge_ops import (
     dare_masks, dense_to_lora, fold_lora_, fold_loras_, merge_dense, merge_stacked, module_seed, stack_factors,
 )
 

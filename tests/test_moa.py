@@ -5,7 +5,7 @@ import torch
 from omegaconf import OmegaConf
 
 from bench.errors import ConfigError
-from bench.pool import ExpertPool
+from bench.lora.pool import ExpertPool
 from methods import moa
 from methods.base import FitContext
 from methods.moa import (
@@ -29,7 +29,7 @@ def task_pool(tiny_lm):
     adapters = []
     for i, family in enumerate(FAMILIES):
         a = random_adapter(tiny_lm.model, f"expert_{family}", tiny_lm.model_id, rank=4, alpha=64.0, seed=10 + i)
-        a.metadata = {"task": "algorithmic", "subtask": family}  # as bench.experts writes it
+        a.metadata = {"task": "algorithmic", "subtask": family}  # as bench.experts.pools writes it
         adapters.append(a)
     return ExpertPool(tiny_lm.model_id, adapters)
 
@@ -56,9 +56,9 @@ def test_expert_prompts_come_from_the_experts_tasks(task_pool):
 
 
 def test_missing_provider_is_a_clear_error(task_pool, monkeypatch):
-    import bench.experts
+    import bench.experts.pools
 
-    monkeypatch.delattr(bench.experts, "expert_task_examples")
+    monkeypatch.delattr(bench.experts.pools, "expert_task_examples")
     with pytest.raises(ConfigError, match="expert_task_examples"):
         moa.expert_examples(task_pool[0], 4, 0)
 

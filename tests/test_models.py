@@ -1,11 +1,11 @@
-"""Model folders built or converted on first use (bench.models.materialize)."""
+"""Model folders built or converted on first use (bench.models.loading.materialize)."""
 
 from __future__ import annotations
 
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
-import bench.models as models
+import bench.models.loading as models
 from tests.conftest import model_cfg
 
 

@@ -8,8 +8,8 @@ from omegaconf import OmegaConf
 
 from bench.errors import ConfigError
 from methods.base import FitContext
-from methods.gates import load_gates, stack_of
 from methods.mole import MoleGate, Mole, attach_saved_gates, balance_loss, group_of, mole_attached, step_loss
+from methods.ops.gates import load_gates, stack_of
 from tasks.algorithmic import generate
 
 PROMPTS = ["not True and False is", "( True or False ) and not False is"]
@@ -204,7 +204,7 @@ def test_gate_pools_prompt_tokens_and_is_reused_while_decoding(tiny_lm, make_poo
 
 
 def test_seq2seq_end_to_end(tiny_t5):
-    from bench.pool import ExpertPool
+    from bench.lora.pool import ExpertPool
     from tests.conftest import random_adapter
 
     pool = ExpertPool(tiny_t5.model_id, [random_adapter(tiny_t5.model, f"e{i}", tiny_t5.model_id, targets=("q", "v"),

@@ -196,7 +196,7 @@ def test_diffusion_config_maps_the_shared_keys():
 
 
 def test_mole_runs_the_diffusion_form_on_a_diffusion_model():
-    from bench.diffusion import PLAIN
+    from bench.models.diffusion import PLAIN
     from methods.mole_diffusion import MoleComposed, MoleDiffusion
     from test_vl_common import random_sd_pool, tiny_sd
 
@@ -230,7 +230,7 @@ def test_method_mole_task_dreambooth_composes_and_prepares():
 
     from bench.config import CONF_DIR, register_resolvers
     from bench.errors import DataError
-    from bench.runner import prepare
+    from bench.run.runner import prepare
 
     register_resolvers()
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):

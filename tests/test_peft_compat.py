@@ -14,10 +14,10 @@ import math
 import pytest
 import torch
 
-from bench.adapters import LoraAdapter, LoraModule
 from bench.errors import ConfigError
+from bench.lora.adapters import LoraAdapter, LoraModule
 from methods.linear import concat_merge, dense_deltas, peft_linear_merge
-from methods.merge_ops import dense_to_lora, merge_dense
+from methods.ops.merge_ops import dense_to_lora, merge_dense
 from methods.svd import svd_merge
 from conftest import peft_holding, random_adapter
 

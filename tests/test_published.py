@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import pytest
 
+from bench.analysis.leaderboard import main
+from bench.analysis.published import PUBLISHED_DIR, read_jobs
 from bench.config import PROJECT_ROOT
-from bench.leaderboard import main
-from bench.published import PUBLISHED_DIR, read_jobs
 
 RESULTS = PROJECT_ROOT / "results"
 

@@ -11,8 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from bench.published import read_jobs
-from bench.records import iter_records, record_problem, write_json_atomic
+from bench.analysis.published import read_jobs
+from bench.files import write_json_atomic
+from bench.run.records import iter_records, record_problem
 from conftest import random_adapter
 from test_cli import bench, records
 
@@ -72,7 +73,7 @@ def test_a_malformed_record_neither_blocks_nor_skips_jobs(tmp_path):
 
 
 def test_leaderboard_lists_what_it_left_out(tmp_path, capsys):
-    from bench.leaderboard import main
+    from bench.analysis.leaderboard import main
 
     runs = tmp_path / "runs"
     write_raw(runs / "good", json.dumps(GOOD))
@@ -106,8 +107,8 @@ def test_retrained_adapters_at_the_same_path_re_run_the_job(tmp_path, tiny_lm):
 
 
 def test_changed_data_files_change_the_key(tmp_path):
-    from bench.inputs import changed, job_inputs
     from bench.registry import get_task
+    from bench.run.inputs import changed, job_inputs
     from test_configs import compose_with
 
     src = Path(__file__).resolve().parents[2] / "shared" / "data" / "bbh" / "bbh"
@@ -215,8 +216,8 @@ def test_perf_without_cuda_runs_the_quick_sizes(monkeypatch, capsys):
 
 
 def test_report_prints_no_nan_for_methods_without_variants(tmp_path, capsys):
-    from bench.leaderboard import write
-    from bench.report import main
+    from bench.analysis.leaderboard import write
+    from bench.analysis.report import main
     from test_leaderboard import flags, record
 
     runs = tmp_path / "runs"

@@ -5,7 +5,7 @@ import torch
 from omegaconf import OmegaConf
 
 from bench.errors import AdapterError, ConfigError
-from bench.pool import ExpertPool
+from bench.lora.pool import ExpertPool
 from methods.base import FitContext
 from methods.linear import concat_merge
 from methods.lorahub import compose_official

@@ -1,4 +1,4 @@
-"""The static leaderboard page (bench/site.py) in a real headless Chromium, loaded from disk: no console
+"""The static leaderboard page (bench/analysis/site.py) in a real headless Chromium, loaded from disk: no console
 errors, every setting's table rendered, sortable by clicking a header, the drill-down and plots present, and a
 screenshot written."""
 
@@ -8,8 +8,8 @@ import shutil
 
 import pytest
 
-from bench.leaderboard import write
-from bench.site import write_site
+from bench.analysis.leaderboard import write
+from bench.analysis.site import write_site
 from test_leaderboard import flags, record
 
 

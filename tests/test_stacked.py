@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from bench.adapters import LoraModule
-from bench.stacked import StackedLoraLinear, block_of
+from bench.lora.adapters import LoraModule
+from bench.lora.stacked import StackedLoraLinear, block_of
 
 
 def reference(base, experts, x, gates):
@@ -54,7 +54,7 @@ def test_block_of():
 
 
 # ---- added with the gated-layer benchmark: the faster formulations equal the reference -------------------
-from bench.stacked import fused_forward  # noqa: E402
+from bench.lora.stacked import fused_forward  # noqa: E402
 
 
 def _layer(ranks, bias=True, seed=0):
@@ -107,8 +107,8 @@ def test_gate_fn_supplies_gates():
     assert seen == [(2, 5, 2 * 4)]
 
 
-# ---- the diffusion modes (bench.diffusion.ExpertMix) drive the same layer ---------------------------------
-from bench.diffusion import ExpertMix  # noqa: E402
+# ---- the diffusion modes (bench.models.diffusion.ExpertMix) drive the same layer ---------------------------------
+from bench.models.diffusion import ExpertMix  # noqa: E402
 
 
 def _pool_outputs(experts, x):

@@ -1,11 +1,11 @@
-"""Bootstrap intervals, paired p-values and Holm's correction (bench/stats.py) against their definitions."""
+"""Bootstrap intervals, paired p-values and Holm's correction (bench/analysis/stats.py) against their definitions."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from bench.stats import Draws, Scores, holm, interval, paired_p, replicates
+from bench.analysis.stats import Draws, Scores, holm, interval, paired_p, replicates
 
 
 def test_holm_by_hand():

@@ -1,12 +1,12 @@
-"""Decoding-time LoRA Switch / LoRA Composite for text (methods/text_decoding.py)."""
+"""Decoding-time LoRA Switch / LoRA Composite for text (methods/ops/text_decoding.py)."""
 
 import pytest
 import torch
 from omegaconf import OmegaConf
 
-from bench.stacked import set_gates
+from bench.lora.stacked import set_gates
 from methods.base import FitContext
-from methods.text_decoding import (
+from methods.ops.text_decoding import (
     CompositeHooks,
     SwitchHooks,
     text_composite_compose,
@@ -21,7 +21,7 @@ MAX_NEW = 8
 
 @pytest.fixture(scope="module")
 def pool3(tiny_lm):
-    from bench.pool import ExpertPool
+    from bench.lora.pool import ExpertPool
     from tests.conftest import random_adapter
 
     # strong experts (alpha 64) so that each one changes the greedy continuation
@@ -163,7 +163,7 @@ def test_switch_subset_and_bad_tau(tiny_lm, pool3):
 
 
 def test_seq2seq_forms(tiny_t5):
-    from bench.pool import ExpertPool
+    from bench.lora.pool import ExpertPool
     from tests.conftest import random_adapter
 
     pool = ExpertPool(tiny_t5.model_id, [random_adapter(tiny_t5.model, f"t{i}", tiny_t5.model_id, targets=("q", "v"),

@@ -4,7 +4,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from bench.errors import ConfigError
-from bench.tracking import log_record
+from bench.run.tracking import log_record
 
 RECORD = {"config": {"method": {"name": "linear"}}, "profile": "smoke", "task": "algorithmic", "method": "linear",
           "seed": 0, "job_key": "abc", "status": "ok", "peak_memory_mb": 1.0,

@@ -1,4 +1,4 @@
-"""The Triton kernels of the dense merges (`methods.triton_merge`), on a GPU where there is one and on CPU under
+"""The Triton kernels of the dense merges (`methods.ops.triton_merge`), on a GPU where there is one and on CPU under
 Triton's interpreter otherwise (tests/conftest.py chooses it): the radix select equals `torch.topk`'s k-th
 largest magnitude bit for bit, and the fused tail equals the eager ops (themselves checked against peft in
 test_merges.py) and peft, for every merge kind."""
@@ -9,8 +9,8 @@ import pytest
 import torch
 from peft.utils import merge_utils
 
-from methods import triton_merge
-from methods.merge_ops import KINDS, merge_stacked, trim_thresholds
+from methods.ops import triton_merge
+from methods.ops.merge_ops import KINDS, merge_stacked, trim_thresholds
 
 pytest.importorskip("triton")
 

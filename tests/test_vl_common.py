@@ -7,8 +7,8 @@ from functools import lru_cache
 import torch
 from omegaconf import OmegaConf
 
-from bench.adapters import LoraAdapter, LoraModule
-from bench.pool import ExpertPool
+from bench.lora.adapters import LoraAdapter, LoraModule
+from bench.lora.pool import ExpertPool
 from conftest import CACHE, CONF, DATA_ROOT
 
 UNET_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
@@ -18,7 +18,7 @@ TE_TARGETS = ("q_proj", "v_proj")
 @lru_cache(maxsize=2)
 def tiny_sd(dtype: str = "float32"):
     """The smoke profile's tiny Stable Diffusion on CPU (float64 for exact comparisons)."""
-    from bench.diffusion import load_diffusion_model
+    from bench.models.diffusion import load_diffusion_model
 
     cfg = OmegaConf.load(CONF / "model" / "tiny_sd.yaml")
     cfg.dtype = dtype

@@ -24,8 +24,8 @@ SMOKE_VL = ["model=tiny_sd", "experts=smoke_dreambooth", "task.subtasks=[dog6+wo
 
 
 def test_cli_lora_switch_dreambooth_smoke(tmp_path):
-    from bench.leaderboard import build
-    from bench.published import read_jobs
+    from bench.analysis.leaderboard import build
+    from bench.analysis.published import read_jobs
 
     runs = tmp_path / "runs"
     argv = [sys.executable, "-m", "bench", "method=lora_switch", "task=dreambooth", "profile=smoke_vl",
@@ -59,7 +59,7 @@ def experts_cfg(tmp_path, **train):
 
 
 def test_subject_pool_trains_once_and_is_validated(tmp_path):
-    from bench.experts_vl import load_subject_pool
+    from bench.experts.vl import load_subject_pool
 
     model = tiny_sd()
     cfg = experts_cfg(tmp_path, prior_preservation=True)
@@ -83,7 +83,7 @@ def test_subject_pool_trains_once_and_is_validated(tmp_path):
 
 def test_subject_pool_bad_inputs(tmp_path):
     from bench.errors import DataError
-    from bench.experts_vl import load_subject_pool
+    from bench.experts.vl import load_subject_pool
 
     model = tiny_sd()
     cfg = experts_cfg(tmp_path)

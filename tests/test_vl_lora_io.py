@@ -8,10 +8,10 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from bench.adapters import LoraAdapter
-from bench.diffusers_lora import WEIGHTS_NAME, load_diffusers_lora, save_diffusers_lora
 from bench.errors import AdapterError
-from bench.pool import ExpertPool
+from bench.lora.adapters import LoraAdapter
+from bench.lora.diffusers_lora import WEIGHTS_NAME, load_diffusers_lora, save_diffusers_lora
+from bench.lora.pool import ExpertPool
 from test_vl_common import images_array, random_sd_adapter, tiny_sd
 
 
@@ -23,7 +23,7 @@ def _sample(model, noise, prompt="a photo of a dog", steps=4):
 def test_clip_tokenizer_matches_open_clip_and_sd_special_ids():
     from open_clip.tokenizer import SimpleTokenizer
 
-    from bench.diffusion import clip_bpe_tokenizer
+    from bench.models.diffusion import clip_bpe_tokenizer
     from tasks.dreambooth import DEFAULT_TOKENS
 
     tok, ref = clip_bpe_tokenizer(), SimpleTokenizer()

@@ -10,8 +10,8 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from bench.diffusers_lora import save_diffusers_lora
 from bench.errors import ConfigError
+from bench.lora.diffusers_lora import save_diffusers_lora
 from conftest import CONF, DATA_ROOT
 from methods.base import FitContext
 from methods.lora_composite import CompositeHooks, LoraComposite
@@ -162,7 +162,7 @@ def test_composite_rejects_unknown_form():
 
 
 def test_linear_method_on_diffusion_equals_uniformly_weighted_experts():
-    from bench.diffusion import PLAIN
+    from bench.models.diffusion import PLAIN
     from methods.linear import LinearArithmetic
 
     model = tiny_sd("float64")
@@ -202,7 +202,7 @@ def dreambooth_fit(subjects):
 
 
 def test_mole_untrained_gates_are_the_uniform_average():
-    from bench.diffusion import PLAIN
+    from bench.models.diffusion import PLAIN
     from methods.mole_diffusion import MoleDiffusion
 
     model = tiny_sd("float64")
@@ -222,7 +222,7 @@ def test_mole_untrained_gates_are_the_uniform_average():
 
 
 def test_mole_training_moves_only_gates_and_masks_renormalize(tmp_path):
-    from bench.diffusion import PLAIN
+    from bench.models.diffusion import PLAIN
     from methods.mole_diffusion import MoleDiffusion
 
     model = tiny_sd()

@@ -15,8 +15,8 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from bench.diffusers_lora import save_diffusers_lora
 from bench.errors import ConfigError
+from bench.lora.diffusers_lora import save_diffusers_lora
 from conftest import CONF
 from methods.base import FitContext
 from methods.lora_composite import CompositeHooks, LoraComposite

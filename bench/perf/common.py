@@ -18,7 +18,7 @@ from typing import Callable
 import torch
 
 # Your runs land in results/local/perf; the committed numbers (results/perf) are refreshed on purpose with
-# BENCH_PERF_DIR=results/perf (as the device runs behind the README do).
+# BENCH_PERF_DIR=results/perf (as the device runs behind docs/performance.md do).
 RESULTS_DIR = Path(os.environ.get("BENCH_PERF_DIR", Path(__file__).resolve().parents[2] / "results" / "local" / "perf"))
 
 

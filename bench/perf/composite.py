@@ -2,7 +2,7 @@
 
 One denoising step = the UNet call(s) on the classifier-free-guidance batch (latents ×2) + guidance + one
 DPM-Solver++ scheduler step, with N random LoRA experts (rank ``--rank`` on to_q/to_k/to_v/to_out.0) stacked in
-`bench.stacked.StackedLoraLinear` layers (`bench.diffusion.stack_experts`), exactly as the methods run them:
+`bench.lora.stacked.StackedLoraLinear` layers (`bench.models.diffusion.stack_experts`), exactly as the methods run them:
   merge      one call, batch 2, all experts mixed with weights 1/N (linear arithmetic kept as LoRA)
   switch     one call, batch 2, one expert (LoRA Switch)
   serial     N calls, batch 2, one expert each (LoRA Composite, serial form)
@@ -41,8 +41,8 @@ FORMS = ("merge", "switch", "serial", "batched")
 
 def random_pool(root: torch.nn.Module, n: int, rank: int, seed: int = 0):
     """N random experts (names ``unet.<path>``) for every targeted linear layer under `root`."""
-    from bench.adapters import LoraAdapter, LoraModule
-    from bench.pool import ExpertPool
+    from bench.lora.adapters import LoraAdapter, LoraModule
+    from bench.lora.pool import ExpertPool
 
     g = torch.Generator().manual_seed(seed)
     adapters = []
@@ -71,7 +71,7 @@ def interleaved(fns: dict, device: torch.device, warmup: int, repeat: int) -> di
 def main(argv: list[str]) -> None:
     from diffusers import DPMSolverMultistepScheduler, UNet2DConditionModel
 
-    from bench.diffusion import composite_noise, stack_experts
+    from bench.models.diffusion import composite_noise, stack_experts
 
     parser = argparse.ArgumentParser(prog="python -m bench.perf composite", description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="tiny UNet, float32, CPU-sized")

@@ -5,11 +5,11 @@
 One batch of ``rows`` prompts of ``prompt-tokens`` random tokens (left-padded: a quarter of the rows shorter by
 up to half), ``new`` greedy tokens, no stop tokens (every row runs every step), SmolLM2-135M's shape with random
 weights (bf16 on a GPU, fp32 on CPU; ``--quick``: a 2-layer tiny Llama), SDPA backends as the engine picks them
-(`bench.generation.attention_backends`). Paths, each timed after a warm-up:
+(`bench.models.generation.attention_backends`). Paths, each timed after a warm-up:
 
 - ``dynamic, repeat_kv``: `decode_causal` over a `DynamicCache` with transformers' SDPA attention (keys and values
   copied per query head);
-- ``dynamic, grouped``: the same under `bench.decode_attention.grouped_decoding`;
+- ``dynamic, grouped``: the same under `bench.models.decode_attention.grouped_decoding`;
 - ``static, grouped``: `decode_static` without graphs (transformers' `StaticCache`);
 - ``static, grouped, CUDA graph``: `decode_static` with the decode step replayed from a CUDA graph (CUDA only).
 
@@ -24,8 +24,8 @@ import contextlib
 
 import torch
 
-from bench.decode_attention import grouped_decoding
-from bench.generation import attention_backends, decode_causal, decode_static
+from bench.models.decode_attention import grouped_decoding
+from bench.models.generation import attention_backends, decode_causal, decode_static
 from bench.perf.common import pick_device, write_results
 from bench.perf.eval import SMOLLM2_SHAPE, TINY_SHAPE, timed
 

@@ -9,7 +9,7 @@ seeded random weights (bf16 on a GPU, fp32 on CPU) and N = 5 random rank-8 exper
 (CI, CPU): a 2-layer tiny Llama, 48 prompts, 8 new tokens.
 
 Rows, each method through both paths in the same run:
-- ``new``: the engine (`bench.generation`): length-sorted token-budget batches, finished rows leave the batch;
+- ``new``: the engine (`bench.models.generation`): length-sorted token-budget batches, finished rows leave the batch;
 - ``old``: the previous path: batches of 8 prompts in file order through ``model.generate``, timed on
   ``--old-limit`` prompts spread evenly over the list (it is 10-80× slower; all prompts would take hours per
   method);
@@ -78,8 +78,8 @@ def build_model(shape: dict, tokenizer_dir: str | None, device: torch.device, dt
     """A `LanguageModel` of `shape` with seeded random weights and SmolLM2's tokenizer and chat template."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    from bench.lm import LanguageModel
-    from bench.models import build_tokenizer
+    from bench.models.lm import LanguageModel
+    from bench.models.loading import build_tokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir) if tokenizer_dir else build_tokenizer("smollm2")
     if tokenizer.pad_token_id is None:
@@ -94,8 +94,8 @@ def build_model(shape: dict, tokenizer_dir: str | None, device: torch.device, dt
 
 def make_pool(lm, n: int = 5, rank: int = 8):
     """N random rank-`rank` experts on q_proj and v_proj (alpha 16), on the model's device."""
-    from bench.adapters import LoraAdapter, LoraModule
-    from bench.pool import ExpertPool
+    from bench.lora.adapters import LoraAdapter, LoraModule
+    from bench.lora.pool import ExpertPool
 
     g = torch.Generator().manual_seed(1)
     dtype = next(lm.model.parameters()).dtype
@@ -140,7 +140,7 @@ def composed(method: str, lm, pool) -> Iterator[Callable[..., list[str]]]:
             yield lm.generate
         return
     if method == "moa":
-        from bench.stacked import stacked_experts
+        from bench.lora.stacked import stacked_experts
         from methods.moa import RoutedComposed, gate_applier, hidden_features, route_gates
 
         router = torch.nn.Linear(lm.model.config.hidden_size, len(pool)).to(lm.device)
@@ -158,7 +158,7 @@ def composed(method: str, lm, pool) -> Iterator[Callable[..., list[str]]]:
     if method in ("lora_switch", "lora_composite"):
         from omegaconf import OmegaConf
 
-        from methods.text_decoding import text_composite_compose, text_switch_compose
+        from methods.ops.text_decoding import text_composite_compose, text_switch_compose
 
         ctx = FitContext(model=lm, pool=pool, fit_examples=[], seed=0, prompt=lambda e: e.input,
                          score=lambda c, e: 0.0)

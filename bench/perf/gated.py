@@ -5,9 +5,9 @@ rank r = 16, per-token gates (LoRA-Flow-style, the most general case: (1, T, N))
 T tokens (T = 16 is a decode step's worth of tokens, T ≥ 512 a prefill). Inference (no autograd). Variants:
 
 - ``base``: ``F.linear(x, W)``, the floor every variant pays;
-- ``stacked``: `bench.stacked.StackedLoraLinear` with per-token gates, as MoLE / LoRA-Flow run it: base GEMM,
+- ``stacked``: `bench.lora.stacked.StackedLoraLinear` with per-token gates, as MoLE / LoRA-Flow run it: base GEMM,
   A_cat GEMM, one broadcast gate multiply, B_cat GEMM accumulating into the base output (``addmm_``);
-- ``fused``: `bench.stacked.fused_forward`: ``[W; A_cat]`` as one GEMM, then the gate multiply and the
+- ``fused``: `bench.lora.stacked.fused_forward`: ``[W; A_cat]`` as one GEMM, then the gate multiply and the
   in-place B_cat ``addmm_`` (two GEMMs in all; needs a copy of W next to A_cat, so it is a serving layout);
 - ``naive``: the first stacked formulation (gate expanded with ``repeat_interleave``, separate delta tensor,
   out-of-place add), kept to show what the rewrite bought;
@@ -31,9 +31,9 @@ import math
 import torch
 from torch.nn import functional as F
 
-from bench.adapters import LoraModule
+from bench.lora.adapters import LoraModule
+from bench.lora.stacked import StackedLoraLinear, fused_forward
 from bench.perf import common
-from bench.stacked import StackedLoraLinear, fused_forward
 
 OVERHEAD_GOAL = 1.15
 DECODE_SPEEDUP_GOAL = 5.0

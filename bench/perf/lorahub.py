@@ -69,8 +69,8 @@ class Stack(nn.Module):
 
 
 def random_pool(model: nn.Module, n: int, rank: int, alpha: float, seed: int = 0):
-    from bench.adapters import LoraAdapter, LoraModule
-    from bench.pool import ExpertPool
+    from bench.lora.adapters import LoraAdapter, LoraModule
+    from bench.lora.pool import ExpertPool
 
     g = torch.Generator().manual_seed(seed)
     adapters = []

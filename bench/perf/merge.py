@@ -21,7 +21,7 @@ dtype (bf16 on a GPU, fp32 on CPU; `--dtype`). Operations, each over the whole s
   and would dominate the run's time budget at N = 32).
 
 Dense merges run ``fused`` where Triton runs (`merge_stacked`'s default: everything after the threshold /
-the Bernoulli draws as one Triton kernel, `methods.triton_merge.merge_tail`), checked against the eager
+the Bernoulli draws as one Triton kernel, `methods.ops.triton_merge.merge_tail`), checked against the eager
 ops on one module of each shape first (the error lands in the metadata); at N = 8 the eager ops are timed
 too. The TIES / magnitude-prune thresholds come from the Triton radix select where it runs; the metadata
 records which selection ran and whether its thresholds equal `torch.topk`'s bit for bit on every module
@@ -43,11 +43,11 @@ from typing import Callable
 
 import torch
 
-from bench.adapters import LoraAdapter, LoraModule
+from bench.lora.adapters import LoraAdapter, LoraModule
 from bench.perf.common import copy_bandwidth, pick_device, time_fn, write_results
 from methods.linear import concat_merge
-from methods import triton_merge
-from methods.merge_ops import (dare_masks, expert_deltas, fold_loras_, merge_module, merge_stacked, module_generator,
+from methods.ops import triton_merge
+from methods.ops.merge_ops import (dare_masks, expert_deltas, fold_loras_, merge_module, merge_stacked, module_generator,
                                stack_factors, topk_kth_largest, trim_thresholds)
 from methods.svd import svd_merge
 
@@ -277,7 +277,7 @@ def main(argv: list[str] | None = None) -> None:
             print(f"thresholds: {thresholds}", flush=True)
         if fused and not fused_errors:  # compile and check against the eager ops once, on the device
             fused_errors = {op: fused_error(op, pool, weights) for op in ops if op in DENSE_OPS}
-            fused_note = "on (Triton: methods.triton_merge.merge_tail)"
+            fused_note = "on (Triton: methods.ops.triton_merge.merge_tail)"
             print(f"fused: {fused_note}; max rel. error vs eager {fused_errors}", flush=True)
         for op in ops:
             if op == "svd" and n > SVD_MAX_N:

@@ -1,0 +1,404 @@
+"""`python -m bench.analysis.leaderboard` (`make leaderboard`): finished jobs -> tables with uncertainty, paired tests, plots.
+
+Sources: by default the published records (`bench.analysis.published`: ``results/published/``), into ``results/`` — the
+committed tables, reproducible byte for byte from the repository; ``--runs-dir DIR`` reads run folders instead
+and writes to ``--out`` (default ``results/local/``: a user's own runs never overwrite the committed tables).
+``--publish DIR…`` copies finished jobs into the published records first.
+
+**Settings.** A row is one method (and variant, metric) in one *setting*: profile, task and its whole config
+(subtasks, `limit`, `fit_scope`, format, …), model config, expert pool (name, size, training config; not its
+folder) and `fit_examples`. Jobs of one setting must have been scored on the same eval examples (subtask, input,
+target); a job whose examples differ is left out with a message rather than averaged. A method run with two
+different configs in one setting gives two rows (`config` column: a hash of `method_params`).
+
+**Columns** (`leaderboard.csv`, one row per setting × method × variant × metric; macro average over subtasks):
+``mean`` (over seeds of the macro average), ``ci_low``/``ci_high`` (95 % bootstrap over examples and seeds,
+paired across the methods of a setting: `bench.analysis.stats`), ``seeds``, ``n`` (eval examples per seed),
+``p_vs_reference`` (against `linear`, MoLE's NLA baseline), ``p_vs_best_single`` (against the best `single`
+expert), ``p_vs_best`` (against the setting's best row), each Holm-corrected over the setting's rows;
+``tied_with_best`` (p_vs_best ≥ 0.05: not significantly below the best); ``best_single``/``normalized`` (÷ the
+best single expert's mean) and, for in-domain tasks, ``normalized_own`` (mean over subtasks of ÷ that subtask's
+own expert); cost columns (fit and eval seconds, peak memory, trained parameters, fit examples, per job); the
+``command`` that re-runs the row and its ``config_key``. ``leaderboard_subtasks.csv``: the same per subtask (CIs
+from the same draws). ``leaderboard.md``: one table per setting; ``plots/``: per setting a ranking plot (means
+with CIs, the group tied with the best joined) and a quality-vs-cost plot.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from bench.analysis.published import PUBLISHED_DIR, Job, publish, read_jobs
+from bench.analysis.stats import REPLICATES, Draws, Scores, holm, interval, paired_p, replicates
+from bench.config import PROJECT_ROOT
+from bench.run.records import LOCATION_KEYS
+
+REFERENCE = "linear"
+ALPHA = 0.05
+LOCAL_OUT = PROJECT_ROOT / "results" / "local"
+SETTING_COLUMNS = ["setting", "profile", "domain", "task", "experts", "fit_examples", "limit"]
+COSTS = ["fit_seconds", "eval_seconds", "peak_memory_mb", "trained_params", "fit_examples_used"]
+
+
+def setting_of(record: dict) -> dict:
+    """The fields that fix what a job measures, except its method (module docstring)."""
+    config = record.get("config", {})
+    experts = dict(config.get("experts") or {})
+    for group, key in LOCATION_KEYS:
+        if group == "experts":
+            experts.pop(key, None)
+    return {"profile": record["profile"], "task": config.get("task", {"name": record["task"]}),
+            "model": config.get("model", {}), "experts": experts, "fit_examples": config.get("fit_examples")}
+
+
+def short_hash(payload) -> str:
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:8]
+
+
+def example_key(row: dict) -> tuple[str, ...]:
+    """What identifies an evaluated example in a prediction row: the input (a text task) or the prompt, image
+    seed and index (a diffusion task), and the target."""
+    return (str(row.get("input", row.get("prompt", ""))), str(row.get("target", row.get("clip_text", ""))),
+            str(row.get("seed", "")), str(row.get("image_index", "")))
+
+
+def example_value(row: dict, metric: str) -> float | None:
+    """A prediction row's score under `metric` (exact match: its correctness)."""
+    if metric == "exact_match":
+        return float(row["correct"]) if "correct" in row else None
+    value = row.get(metric)
+    if value is None and metric == "clip_i":
+        subjects = [v for k, v in row.items() if k.startswith("clip_i/")]
+        value = sum(subjects) / len(subjects) if subjects else None
+    return None if value is None else float(value)
+
+
+class Setting:
+    """The jobs of one setting, their rows' per-example scores, and the examples they share."""
+
+    def __init__(self, key: str, fields: dict) -> None:
+        self.key, self.fields = key, fields
+        self.examples: dict[str, list[tuple[str, str]]] | None = None  # subtask -> example keys, in order
+        self.rows: dict[tuple, dict] = {}  # (method, variant, metric, config) -> row data
+        self.left_out: list[tuple[str, str]] = []
+
+    def add(self, job: Job) -> None:
+        record, preds = job.record, job.predictions
+        by_variant: dict[str, list[dict]] = {}
+        for p in preds:
+            by_variant.setdefault(p.get("variant") or "", []).append(p)
+        examples = {}
+        for p in next(iter(by_variant.values()), []):
+            examples.setdefault(p["subtask"], []).append(example_key(p))
+        examples = {t: sorted(keys) for t, keys in sorted(examples.items())}
+        if not examples:
+            self.left_out.append((job.source, "no predictions"))
+            return
+        if self.examples is None:
+            self.examples = examples
+        elif examples != self.examples:
+            self.left_out.append((job.source, "eval examples differ from the other jobs of its setting"))
+            return
+        config = short_hash(record.get("method_params", {}))
+        for row in record["rows"]:
+            if row["subtask"] != "all":
+                continue
+            variant = row.get("variant") or ""
+            data = self.rows.setdefault((record["method"], variant, row["metric"], config), {
+                "seeds": {}, "costs": [], "record": record})
+            order = {k: i for t in examples for i, k in enumerate(examples[t])}
+            values = []
+            for t in examples:
+                vec = np.full(len(examples[t]), np.nan)
+                for p in by_variant.get(variant, []):
+                    if p["subtask"] == t:
+                        value = example_value(p, row["metric"])
+                        if value is not None:
+                            vec[order[example_key(p)]] = value
+                values.append(vec)
+            if any(np.isnan(v).any() for v in values):
+                self.left_out.append((job.source, f"predictions lack {row['metric']} for variant {variant!r}"))
+                continue
+            data["seeds"][record["seed"]] = values
+            data["costs"].append({"fit_seconds": row.get("fit_seconds"), "eval_seconds": row.get("eval_seconds"),
+                                  "peak_memory_mb": record.get("peak_memory_mb"),
+                                  "trained_params": row.get("trained_params"),
+                                  "fit_examples_used": row.get("fit_examples")})
+
+
+def command(record: dict) -> str:
+    config = record.get("config", {})
+    task = config.get("task", {})
+    parts = [f"method={record['method']}", f"task={record['task']}", f"profile={record['profile']}",
+             f"experts={config.get('experts', {}).get('name', '?')}", f"fit_examples={config.get('fit_examples')}"]
+    if task.get("limit") is not None:
+        parts.append(f"task.limit={task['limit']}")
+    return "python -m bench " + " ".join(parts)
+
+
+def build_setting(setting: Setting) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(overall rows, per-subtask rows) of one setting with CIs and Holm-corrected paired p-values."""
+    subtasks = list(setting.examples)
+    keys = sorted(setting.rows)
+    scores = {k: Scores(subtasks, [setting.rows[k]["seeds"][s] for s in sorted(setting.rows[k]["seeds"])])
+              for k in keys}
+    max_seeds = max(len(s.values) for s in scores.values())
+    draws = Draws.make({t: len(v) for t, v in setting.examples.items()}, max_seeds, REPLICATES,
+                       int(setting.key, 16) % 2**32)
+    reps = {k: replicates(scores[k], draws) for k in keys}
+    means = {k: scores[k].statistic() for k in keys}
+    overall, per_subtask = [], []
+    for metric in sorted({k[2] for k in keys}):
+        rows = [k for k in keys if k[2] == metric]
+        best = max(rows, key=lambda k: (means[k], k))
+        singles = [k for k in rows if k[0] == "single"]
+        best_single = max(singles, key=lambda k: (means[k], k)) if singles else None
+        reference = next((k for k in rows if k[0] == REFERENCE and not k[1]), None)
+
+        def family(against):
+            if against is None:
+                return {}
+            return holm({k: paired_p(reps[k], reps[against]) for k in rows if k != against})
+
+        p_ref, p_single, p_best = family(reference), family(best_single), family(best)
+        for k in rows:
+            low, high = interval(reps[k])
+            costs = pd.DataFrame(setting.rows[k]["costs"]).mean(numeric_only=True)
+            seed_means = [np.mean([v.mean() for v in seed]) for seed in scores[k].values]
+            record = setting.rows[k]["record"]
+            overall.append({
+                **_setting_columns(setting), "method": k[0], "variant": k[1], "metric": metric, "config": k[3],
+                "mean": means[k], "ci_low": low, "ci_high": high, "seeds": len(seed_means),
+                "n": sum(len(v) for v in setting.examples.values()),
+                "std_seeds": float(np.std(seed_means, ddof=1)) if len(seed_means) > 1 else 0.0,
+                "p_vs_reference": p_ref.get(k), "p_vs_best_single": p_single.get(k), "p_vs_best": p_best.get(k),
+                "tied_with_best": k == best or p_best.get(k, 0.0) >= ALPHA,
+                **{c: costs.get(c) for c in COSTS}, "meaningful": record.get("meaningful", True),
+                "command": command(record), "config_key": record.get("config_key", record["job_key"]),
+            })
+            for t in subtasks:
+                low, high = interval(replicates(scores[k], draws, [t]))
+                per_subtask.append({
+                    **_setting_columns(setting), "subtask": t, "method": k[0], "variant": k[1], "metric": metric,
+                    "config": k[3], "mean": float(np.mean([seed[subtasks.index(t)].mean()
+                                                           for seed in scores[k].values])),
+                    "ci_low": low, "ci_high": high, "seeds": len(scores[k].values), "n": len(setting.examples[t]),
+                })
+    return pd.DataFrame(overall), pd.DataFrame(per_subtask)
+
+
+def _setting_columns(setting: Setting) -> dict:
+    f = setting.fields
+    return {"setting": setting.key, "profile": f["profile"], "domain": f["experts"].get("domain", "nlp"),
+            "task": f["task"].get("name"), "experts": f["experts"].get("name"), "fit_examples": f["fit_examples"],
+            "limit": f["task"].get("limit")}
+
+
+def normalize(overall: pd.DataFrame, per_subtask: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """``best_single``/``normalized`` per setting and metric, and the in-domain ``normalized_own``."""
+    if overall.empty:
+        return overall, per_subtask
+    scope = ["setting", "metric"]
+    singles = overall[overall["method"] == "single"].groupby(scope)["mean"].max().rename("best_single")
+    overall = overall.merge(singles, left_on=scope, right_index=True, how="left")
+    overall["normalized"] = overall["mean"] / overall["best_single"].where(overall["best_single"] > 0)
+    own_scope = ["setting", "subtask", "metric"]
+    own = per_subtask[(per_subtask["method"] == "single")
+                      & (per_subtask["variant"] == "expert=" + per_subtask["subtask"])]
+    own = own.set_index(own_scope)["mean"].rename("own_expert")
+    per_subtask = per_subtask.merge(own, left_on=own_scope, right_index=True, how="left")
+    per_subtask["normalized_own"] = per_subtask["mean"] / per_subtask["own_expert"].where(per_subtask["own_expert"] > 0)
+    keys = ["setting", "method", "variant", "metric", "config"]
+    grouped = per_subtask.groupby(keys, dropna=False)
+    in_domain = grouped["own_expert"].agg(lambda o: o.notna().all())
+    ratio = grouped["normalized_own"].mean().where(in_domain).rename("normalized_own")
+    overall = overall.merge(ratio, left_on=keys, right_index=True, how="left")
+    return overall, per_subtask
+
+
+def build(jobs: list[Job], left_out: list[tuple[str, str]] | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(overall, per-subtask) tables of `jobs`, settings in key order, rows by mean within a setting."""
+    settings: dict[str, Setting] = {}
+    for job in jobs:
+        fields = setting_of(job.record)
+        key = short_hash(fields)
+        settings.setdefault(key, Setting(key, fields)).add(job)
+    overall, per_subtask = [], []
+    for key in sorted(settings):
+        setting = settings[key]
+        if left_out is not None:
+            left_out.extend(setting.left_out)
+        if setting.rows:
+            o, p = build_setting(setting)
+            overall.append(o)
+            per_subtask.append(p)
+    if not overall:
+        return pd.DataFrame(), pd.DataFrame()
+    overall, per_subtask = normalize(pd.concat(overall, ignore_index=True), pd.concat(per_subtask, ignore_index=True))
+    order = ["profile", "task", "setting", "metric", "mean", "method", "variant", "config"]
+    overall = overall.sort_values(order, ascending=[True, True, True, True, False, True, True, True])
+    per_subtask = per_subtask.sort_values(["profile", "task", "setting", "subtask", "metric", "mean", "method",
+                                           "variant"], ascending=[True] * 5 + [False, True, True])
+    return overall.reset_index(drop=True), per_subtask.reset_index(drop=True)
+
+
+def _p(value) -> str:
+    return "" if value is None or pd.isna(value) else ("<0.001" if value < 0.001 else f"{value:.3f}")
+
+
+def markdown(overall: pd.DataFrame) -> str:
+    parts = ["# Leaderboard", "",
+             "Per setting: mean over seeds of the macro average over subtasks, 95 % CI (bootstrap over examples and "
+             "seeds, paired across methods), paired p-values (Holm-corrected within the setting) against the linear "
+             "merge and the best single expert; ● = not significantly below the setting's best (p ≥ 0.05), so "
+             "rows marked ● are tied and not ranked among themselves. Generated by `python -m bench.analysis.leaderboard`.",
+             ""]
+    for key, group in overall.groupby("setting", sort=False):
+        first = group.iloc[0]
+        note = "" if group["meaningful"].all() else " — random tiny models: scores are meaningless"
+        parts += [f"## {first['task']} · {first['profile']} · experts {first['experts']} · "
+                  f"K={first['fit_examples']} · limit {first['limit']} (setting {key}){note}", ""]
+        view = pd.DataFrame({
+            "": ["●" if t else "" for t in group["tied_with_best"]],
+            "method": group["method"], "variant": group["variant"], "metric": group["metric"],
+            "score [95% CI]": [f"{m:.3f} [{lo:.3f}, {hi:.3f}]" for m, lo, hi in
+                               zip(group["mean"], group["ci_low"], group["ci_high"])],
+            "p vs linear": group["p_vs_reference"].map(_p), "p vs best single": group["p_vs_best_single"].map(_p),
+            "norm": group["normalized"].map(lambda v: "" if pd.isna(v) else f"{v:.2f}"),
+            "seeds": group["seeds"], "n": group["n"],
+            "fit s": group["fit_seconds"].map(lambda v: "" if pd.isna(v) else f"{v:.1f}"),
+            "eval s": group["eval_seconds"].map(lambda v: "" if pd.isna(v) else f"{v:.1f}"),
+        })
+        parts += [view.to_markdown(index=False), ""]
+    return "\n".join(parts)
+
+
+def plot(overall: pd.DataFrame, out_dir: Path) -> list[Path]:
+    """Per setting and metric: a ranking plot and a quality-vs-cost plot (labels kept apart)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for (key, metric), group in overall.groupby(["setting", "metric"], sort=False):
+        group = group.sort_values("mean")
+        labels = [m if not v else f"{m}[{v}]" for m, v in zip(group["method"], group["variant"])]
+        first = group.iloc[0]
+        stem = f"{first['profile']}_{first['task']}_{key}_{metric.replace('/', '-')}"
+        fig, ax = plt.subplots(figsize=(7, 0.32 * len(group) + 1.5))
+        y = np.arange(len(group))
+        tied = group["tied_with_best"].to_numpy(bool)
+        ax.errorbar(group["mean"], y, xerr=[group["mean"] - group["ci_low"], group["ci_high"] - group["mean"]],
+                    fmt="o", color="tab:blue", ecolor="tab:gray", capsize=2)
+        if tied.any():
+            ax.axhspan(y[tied].min() - 0.4, y[tied].max() + 0.4, color="tab:green", alpha=0.12,
+                       label="tied with the best (p ≥ 0.05)")
+            ax.legend(loc="lower right", fontsize=7)
+        ax.set_yticks(y, labels, fontsize=7)
+        ax.set_xlabel(f"{metric} (95% CI)")
+        ax.set_title(f"{first['task']} · {first['profile']} · {first['experts']}", fontsize=9)
+        paths.append(_save(fig, out_dir / f"{stem}_rank.png"))
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        cost = (group["fit_seconds"].fillna(0) + group["eval_seconds"].fillna(0)).to_numpy()
+        ax.scatter(cost, group["mean"], color=np.where(tied, "tab:green", "tab:blue"))
+        for x, label_y, label in zip(cost, spread(group["mean"].to_numpy(), 0.035 * _span(group["mean"])), labels):
+            ax.annotate(label, (x, label_y), fontsize=6, xytext=(4, 0), textcoords="offset points", va="center")
+        ax.set_xscale("symlog")
+        ax.set_xlabel("fit + eval seconds per job")
+        ax.set_ylabel(metric)
+        ax.set_title(f"quality vs cost · {first['task']} · {first['profile']}", fontsize=9)
+        paths.append(_save(fig, out_dir / f"{stem}_cost.png"))
+    return paths
+
+
+def _span(values: pd.Series) -> float:
+    return float(values.max() - values.min()) or 1.0
+
+
+def spread(values: np.ndarray, gap: float) -> np.ndarray:
+    """Label heights near `values`, in the same order, at least `gap` apart (labels that would overlap are
+    pushed apart symmetrically)."""
+    order = np.argsort(values, kind="stable")
+    placed = values[order].astype(float).copy()
+    for _ in range(len(placed)):
+        moved = False
+        for i in range(1, len(placed)):
+            if placed[i] - placed[i - 1] < gap - 1e-12:
+                shift = (gap - (placed[i] - placed[i - 1])) / 2
+                placed[i - 1] -= shift
+                placed[i] += shift
+                moved = True
+        if not moved:
+            break
+    out = np.empty_like(placed)
+    out[order] = placed
+    return out
+
+
+def _save(fig, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=120, metadata={"Software": None})
+    plt.close(fig)
+    return path
+
+
+def write(sources: list[Path], out_dir: Path, plots: bool = True,
+          skipped: list[tuple[str, str]] | None = None) -> tuple[pd.DataFrame, int]:
+    """Build the tables of the jobs in `sources` into `out_dir`; returns the overall table and the number of
+    jobs read; records and jobs left out are appended to `skipped`."""
+    jobs = read_jobs(sources, skipped)
+    overall, per_subtask = build(jobs, skipped)
+    if overall.empty:
+        raise SystemExit(f"no finished jobs with predictions in {', '.join(map(str, sources))}")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for frame, name in ((overall, "leaderboard.csv"), (per_subtask, "leaderboard_subtasks.csv")):
+        tmp = out_dir / f".{name}.tmp"
+        frame.to_csv(tmp, index=False, float_format="%.6g", lineterminator="\n")
+        tmp.replace(out_dir / name)
+    (out_dir / "leaderboard.md").write_text(markdown(overall))
+    if plots:
+        for stale in (out_dir / "plots").glob("*.png"):  # the plots are exactly this build's
+            stale.unlink()
+        plot(overall, out_dir / "plots")
+    return overall, len(jobs)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs-dir", action="append", default=None,
+                        help="read these run folders (repeatable) instead of the published records")
+    parser.add_argument("--out", default=None, help="default: results/ (published) or results/local/ (--runs-dir)")
+    parser.add_argument("--publish", nargs="+", default=None, metavar="RUNS_DIR",
+                        help="first copy the finished jobs under these run folders into results/published/")
+    parser.add_argument("--no-plots", action="store_true")
+    args = parser.parse_args(argv)
+    if args.publish:
+        written = publish([Path(p) for p in args.publish])
+        print(f"published {len(written)} job(s) into {PUBLISHED_DIR}")
+    sources = [Path(p) for p in args.runs_dir] if args.runs_dir else [PUBLISHED_DIR]
+    out = Path(args.out) if args.out else (LOCAL_OUT if args.runs_dir else PROJECT_ROOT / "results")
+    skipped: list[tuple[str, str]] = []
+    try:
+        overall, n_jobs = write(sources, out, plots=not args.no_plots, skipped=skipped)
+        print(markdown(overall))
+        print(f"read {n_jobs} job(s) from {', '.join(map(str, sources))}; wrote {out}/leaderboard*.csv, .md"
+              + ("" if args.no_plots else ", plots/"))
+    finally:
+        if skipped:
+            print(f"\n{len(skipped)} record(s) left out:")
+            for path, reason in skipped:
+                print(f"  {path}: {reason}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,215 @@
+"""One benchmark job: load the model, the pool and the task, let the method compose, score, write a record.
+
+Order of work:
+1. `prepare` validates everything cheap (method and task names and hyperparameters, domains) — a bad input
+   raises `BenchError` before anything is loaded or written.
+2. `find_record` skips a job whose record exists with status ok (unless `force=true`): same config and same
+   input digests (`bench.run.inputs`); when only the inputs differ from an earlier record, the log says which.
+3. `execute` runs; a failure there writes a record with status "failed" and the error (see `run`), so a
+   sweep goes on and a re-run retries only that job.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import resource
+import time
+import traceback
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig
+
+from bench.errors import BenchError, ConfigError
+from bench.files import write_json_atomic
+from bench.run.records import (
+    RECORD_FILE, find_record, git_sha, input_key, job_config, job_key, library_versions,
+)
+from bench.registry import get_method, get_task
+from bench.run.tracking import log_record
+from methods.base import Composed, FitContext, Method, Timer
+from tasks.base import Task
+
+log = logging.getLogger("bench")
+
+
+def prepare(cfg: DictConfig) -> tuple[Method, Task]:
+    """Method and task objects, validated; raises `BenchError` for bad input and touches no file."""
+    from bench.run.validate import check_values
+
+    check_values(cfg)
+    method = get_method(cfg.method.name)(cfg.method)
+    task = get_task(cfg.task.name)(cfg.task, cfg.paths.get("data_root"))
+    if task.domain not in method.domains:
+        raise ConfigError(f"method {cfg.method.name!r} supports {list(method.domains)}, not the {task.domain!r} task {cfg.task.name!r}")
+    task.subtasks()  # unknown subtasks fail here
+    task.check_data()  # a data root that does not hold the task's files fails here
+    return method, task
+
+
+def identity(cfg: DictConfig, method: Method) -> str:
+    """The job's key: without the seed when no seed can change the result (a method that does not use it,
+    on the whole pool; a sampled pool, ``experts.n``, depends on the seed), so a sweep over seeds runs such
+    a job once and skips it for the other seeds."""
+    return job_key(cfg, seeded=method.uses_seed() or cfg.experts.get("n") is not None)
+
+
+def run(cfg: DictConfig, output_dir: str | Path, record_input_errors: bool = False) -> dict:
+    """Run (or skip) the job `cfg`; return its record.
+
+    A bad input found while loading (a missing or corrupt adapter, adapters of another base model) raises
+    `BenchError` and writes nothing, unless `record_input_errors` (sweeps: every failed job leaves a record
+    so the sweep summary and the next re-run see it). Any other failure always writes a failed record.
+    """
+    from bench.run.inputs import changed, describe, job_inputs
+
+    method, task = prepare(cfg)
+    config_key = identity(cfg, method)
+    inputs = job_inputs(cfg, task)
+    key = input_key(config_key, inputs)
+    runs_dir = Path(cfg.paths.runs_dir)
+    if not cfg.get("force", False):
+        done = find_record(runs_dir, key)
+        if done is not None:
+            log.info("skip: job %s already done (%s); force=true re-runs it", key, done["_path"])
+            return {**done, "skipped": True}
+        earlier = find_record(runs_dir, config_key, field="config_key")
+        if earlier is not None:
+            what = describe(changed(earlier.get("inputs", {}), inputs))
+            log.info("re-running job %s: %s changed since %s", config_key, what, earlier["_path"])
+    output_dir = Path(output_dir)
+    record = {
+        "job_key": key, "config_key": config_key, "inputs": inputs, "status": "running", "profile": cfg.profile.name, "method": cfg.method.name,
+        "method_params": method.params(), "task": cfg.task.name, "domain": task.domain,
+        "model": cfg.model.id, "experts_pool": cfg.experts.name, "seed": int(cfg.seed),
+        "meaningful": bool(cfg.profile.meaningful), "git_sha": git_sha(), "versions": library_versions(),
+        "config": job_config(cfg), "started_at": _now(),
+    }
+    try:
+        record.update(execute(cfg, method, task, output_dir))
+        record["status"] = "ok"
+        after = job_inputs(cfg, task)  # a pool this job trained is part of its key from now on
+        if after != inputs:
+            record.update(inputs=after, job_key=input_key(config_key, after))
+    except Exception as exc:  # the job failed: record it (see `run`), re-raise for the CLI to report
+        if record_input_errors or not isinstance(exc, BenchError):
+            record.update(status="failed", error=f"{type(exc).__name__}: {exc}", traceback=traceback.format_exc())
+            record["finished_at"] = _now()
+            write_json_atomic(output_dir / RECORD_FILE, record)
+        raise
+    record["finished_at"] = _now()
+    write_json_atomic(output_dir / RECORD_FILE, record)
+    log_record(cfg, record)
+    return record
+
+
+def execute(cfg: DictConfig, method: Method, task: Task, output_dir: Path) -> dict:
+    from bench.experts.pools import load_pool
+
+    device = _reset_peak_memory(cfg.device)
+    with Timer() as load_timer:
+        model = load_model(cfg)
+        pool = load_pool(cfg.experts, model, cfg.paths.get("data_root")).sample(cfg.experts.get("n"), int(cfg.seed))
+    if hasattr(task, "output_dir"):
+        task.output_dir = output_dir
+    rows, predictions = [], []
+    for unit in task.fit_units():
+        fit = task.fit_examples(int(cfg.fit_examples), int(cfg.seed), unit) if cfg.fit_examples else []
+        # tasks whose units compose their own experts (a DreamBooth composition set) name them
+        unit_pool = pool.subset(task.unit_experts(unit)) if hasattr(task, "unit_experts") else pool
+        ctx = FitContext(model=model, pool=unit_pool, fit_examples=fit, seed=int(cfg.seed), prompt=task.prompt,
+                         score=lambda composed, examples: task.score_examples(composed, examples)[0],
+                         unit="+".join(unit))
+        for composed in method.compose(ctx):
+            with Timer() as eval_timer:
+                scores, preds = task.evaluate(composed, unit)
+            report = composed.report
+            for score in scores:
+                rows.append({"variant": composed.variant, **asdict(score), "unit": ctx.unit,
+                             "fit_examples": report.examples, "fit_steps": report.steps,
+                             "fit_seconds": report.seconds, "eval_seconds": eval_timer.seconds,
+                             "trained_params": report.trained_params, "fit_info": report.info})
+            predictions.extend({"variant": composed.variant, **p} for p in preds)
+            _save_composed(cfg, composed, output_dir, ctx.unit)
+    rows.extend(macro_rows(rows))
+    _write_predictions(output_dir, predictions)
+    return {
+        "rows": rows, "experts": pool.names, "task_info": task.record_info() if hasattr(task, "record_info") else {}, "n_experts": len(pool), "device": str(device),
+        "load_seconds": load_timer.seconds, "peak_memory_mb": _peak_memory_mb(device),
+    }
+
+
+def load_model(cfg: DictConfig):
+    """The base model of `cfg.model`: a `LanguageModel` or, for `kind: diffusion`, a diffusion model."""
+    cache_dir = Path(cfg.paths.cache_dir)
+    if cfg.model.kind == "diffusion":
+        from bench.models.diffusion import load_diffusion_model
+
+        return load_diffusion_model(cfg.model, cache_dir, cfg.device)
+    from bench.models.loading import load_language_model
+
+    lm = load_language_model(cfg.model, cache_dir, cfg.device)
+    generation = cfg.get("generation") or {}
+    lm.token_budget = generation.get("token_budget")
+    lm.max_rows = generation.get("max_rows")
+    lm.legacy_batch = generation.get("legacy_batch")
+    lm.cuda_graphs = generation.get("cuda_graphs", True)
+    return lm
+
+
+def macro_rows(rows: list[dict]) -> list[dict]:
+    """Per variant and metric: the macro average over subtasks (subtask "all"), with summed costs."""
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for row in rows:
+        groups.setdefault((row["variant"], row["metric"]), []).append(row)
+    out = []
+    for (variant, metric), group in groups.items():
+        units = {r["unit"]: r for r in group}  # one fit per unit: count its cost once
+        out.append({
+            "variant": variant, "subtask": "all", "metric": metric, "unit": "all",
+            "value": sum(r["value"] for r in group) / len(group), "n": sum(r["n"] for r in group),
+            "fit_examples": sum(r["fit_examples"] for r in units.values()),
+            "fit_steps": sum(r["fit_steps"] for r in units.values()),
+            "fit_seconds": sum(r["fit_seconds"] for r in units.values()),
+            "eval_seconds": sum(r["eval_seconds"] for r in group),
+            "trained_params": max(r["trained_params"] for r in group), "fit_info": {},
+        })
+    return out
+
+
+def _save_composed(cfg: DictConfig, composed: Composed, output_dir: Path, unit: str) -> None:
+    if cfg.get("save_composed", False):
+        name = "_".join(filter(None, [unit, composed.variant])).replace("/", "-").replace("=", "-") or "composed"
+        composed.save(output_dir / "composed" / name)
+
+
+def _write_predictions(output_dir: Path, predictions: list[dict]) -> None:
+    output_dir.mkdir(parents=True, exist_ok=True)
+    tmp = output_dir / "predictions.jsonl.tmp"
+    with tmp.open("w") as f:
+        for p in predictions:
+            f.write(json.dumps(p, default=str) + "\n")
+    tmp.replace(output_dir / "predictions.jsonl")
+
+
+def _reset_peak_memory(device_name: str) -> torch.device:
+    from bench.models.loading import resolve_device
+
+    device = resolve_device(device_name)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    return device
+
+
+def _peak_memory_mb(device: torch.device) -> float:
+    """Peak GPU memory allocated by torch on CUDA; peak resident memory of the process on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S%z")
+
