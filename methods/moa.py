@@ -33,8 +33,9 @@ from torch.nn import functional as F
 from bench.errors import ConfigError
 from bench.lora.pool import ExpertPool
 from bench.lora.stacked import StackedLoraLinear, set_gates, stacked_experts
+from bench.models.batching import pad_rows
 from bench.models.generation import RowHooks
-from bench.models.lm import LanguageModel, _pad
+from bench.models.lm import LanguageModel
 from bench.progress import BARS_OFF
 from bench.registry import register_method
 from methods.base import Composed, FitContext, FitReport, Method, Timer
@@ -117,8 +118,8 @@ def hidden_features(lm: LanguageModel, prompts: Sequence[str], max_rows: int | N
     for batch in tqdm(plan_batches([len(r) for r in rows], 0, budget, max_rows), desc="fit moa: features",
                       leave=False, disable=len(prompts) < 256 or BARS_OFF):
         ids = [rows[i] for i in batch.index]
-        input_ids = _pad(ids, lm.tokenizer.pad_token_id, side=side).to(lm.device)
-        mask = _pad([[1] * len(r) for r in ids], 0, side=side).to(lm.device)
+        input_ids = pad_rows(ids, lm.tokenizer.pad_token_id, side=side).to(lm.device)
+        mask = pad_rows([[1] * len(r) for r in ids], 0, side=side).to(lm.device)
         if lm.is_seq2seq:
             hidden = lm.model.get_encoder()(input_ids=input_ids, attention_mask=mask).last_hidden_state
         else:

@@ -98,7 +98,6 @@ from typing import Callable, Iterator, Sequence
 import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
-from torch.nn import functional as F
 
 from bench.errors import ConfigError
 from bench.lora.pool import ExpertPool
@@ -108,6 +107,7 @@ from bench.registry import register_method
 from methods.base import Composed, FitContext, FitReport, Method, Timer
 from methods.ops.gates import (GatedComposed, TrainConfig, check_saved_gates, count_params, info_common, load_gates,
                            reads_encoder, router_attached, stack_of, train_gates)
+from methods.ops.mole_gate import MoleGate
 from tasks.base import Example
 
 GRANULARITIES = ("matrix", "layer", "block", "network")
@@ -131,41 +131,6 @@ def balance_loss(weights: torch.Tensor) -> torch.Tensor:
     (gates × sequences); `weights` (..., N)."""
     q = weights.reshape(-1, weights.shape[-1]).mean(0)
     return -torch.log(q).sum()
-
-
-# ----------------------------------------------------------------------------------------- the gate
-class MoleGate(nn.Module):
-    """MoLE's gate: ``softmax(e · Flatten(concat_i LayerNorm(pooled Δh_i)) / τ)``, e without bias, τ clamped to
-    `temperature_range` (module docstring, *Gate*). Shared by the language-model and the diffusion form."""
-
-    def __init__(self, n_experts: int, d: int, temperature_init: float = 1.0,
-                 temperature_range: tuple[float, float] = (1.0, 3.0), init_std: float = 0.0,
-                 generator: torch.Generator | None = None) -> None:
-        super().__init__()
-        self.n_experts, self.d = n_experts, d
-        self.temperature_range = (float(temperature_range[0]), float(temperature_range[1]))
-        self.proj = nn.Linear(n_experts * d, n_experts, bias=False)
-        with torch.no_grad():
-            if init_std > 0:
-                self.proj.weight.copy_(torch.randn(self.proj.weight.shape, generator=generator) * init_std)
-            else:
-                self.proj.weight.zero_()
-        self.temperature = nn.Parameter(torch.tensor(float(temperature_init)).clamp(*self.temperature_range))
-
-    def tau(self) -> torch.Tensor:
-        return self.temperature.clamp(*self.temperature_range)
-
-    def forward(self, pooled: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
-        """pooled (..., N, d) -> weights (..., N); `keep` (N,) bool drops the other experts (renormalized)."""
-        z = F.layer_norm(pooled.to(self.proj.weight.dtype), (pooled.shape[-1],))  # per expert, no affine
-        logits = self.proj(z.flatten(-2)) / self.tau()
-        if keep is not None:
-            logits = logits.masked_fill(~keep, float("-inf"))
-        return logits.softmax(-1)
-
-    @torch.no_grad()
-    def project_temperature(self) -> None:
-        self.temperature.clamp_(*self.temperature_range)
 
 
 def _key(group: str) -> str:

@@ -5,7 +5,7 @@ Frozen experts, all N computed as one stacked LoRA per layer (`bench.lora.stacke
 block (``granularity: block``: one per attention module, ``attn1`` / ``attn2`` / ``self_attn``; ``layer``: one per
 LoRA'd linear layer). Every layer of the block adds ``Σ_i G_i Δh_i`` (per batch row) to its frozen output.
 
-Gate: the same definition and class as the language-model form (`methods.mole.MoleGate`; the paper's gating function,
+Gate: the same definition and class as the language-model form (`methods.ops.mole_gate.MoleGate`; the paper's gating function,
 written out in `methods.mole`'s docstring): ``G = softmax(e · Flatten(concat_i LayerNorm(E_i)) / τ)`` with E_i the
 experts' outputs ``s_i B_i A_i x`` of the block's leading layer (``to_q`` / ``q_proj``, the first one the block runs),
 mean-pooled over the tokens of that call; LayerNorm parameter-free over each expert's d features (eps 1e-5); ``e`` a
@@ -42,7 +42,7 @@ from tqdm.auto import tqdm
 from bench.errors import ConfigError
 from bench.registry import register_method
 from methods.base import Composed, FitContext, FitReport, Method, Timer
-from methods.mole import MoleGate
+from methods.ops.mole_gate import MoleGate
 
 GRANULARITIES = ("block", "layer")
 _LEADERS = ("to_q", "q_proj")

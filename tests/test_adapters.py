@@ -7,7 +7,7 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 
 from bench.errors import AdapterError
-from bench.lora.adapters import LoraAdapter
+from bench.lora.load import load_adapter
 from bench.lora.pool import ExpertPool
 from conftest import random_adapter
 
@@ -35,7 +35,7 @@ def _outputs(model, ids):
                                     dict(r=4, lora_alpha=8, rank_pattern={"v_proj": 2}, alpha_pattern={"q_proj": 3})])
 def test_peft_round_trip_identical_outputs(tiny_lm, tmp_path, config):
     src = _peft_trained(tiny_lm, tmp_path, **config)
-    adapter = LoraAdapter.load(src)
+    adapter = load_adapter(src)
     ours = adapter.save(tmp_path / "ours")
     ids = torch.tensor([[5, 17, 300, 42, 7]])
     reference = PeftModel.from_pretrained(tiny_lm.model, str(src))
@@ -45,10 +45,10 @@ def test_peft_round_trip_identical_outputs(tiny_lm, tmp_path, config):
     torch.testing.assert_close(_outputs(reloaded, ids), expected, rtol=0, atol=0)
     tiny_lm.model = reloaded.unload()
     # and our own application path gives the same outputs
-    with tiny_lm.adapter_applied(LoraAdapter.load(ours)):
+    with tiny_lm.adapter_applied(load_adapter(ours)):
         torch.testing.assert_close(_outputs(tiny_lm.model, ids), expected, rtol=1e-6, atol=1e-6)
     # exact tensors survive save/load
-    again = LoraAdapter.load(ours)
+    again = load_adapter(ours)
     for name, m in adapter.modules.items():
         assert torch.equal(again.modules[name].A, m.A) and torch.equal(again.modules[name].B, m.B)
         assert again.modules[name].scale == pytest.approx(m.scale, rel=1e-12)
@@ -72,20 +72,20 @@ def _save(adapter, folder):
 
 def test_missing_folder_and_files(tmp_path):
     with pytest.raises(AdapterError, match="no such folder"):
-        LoraAdapter.load(tmp_path / "nope")
+        load_adapter(tmp_path / "nope")
     (tmp_path / "empty").mkdir()
     with pytest.raises(AdapterError, match="adapter_config.json is missing"):
-        LoraAdapter.load(tmp_path / "empty")
+        load_adapter(tmp_path / "empty")
 
 
 def test_missing_weights_and_corrupt_safetensors(tiny_lm, tmp_path):
     folder = _save(random_adapter(tiny_lm.model, "a", tiny_lm.model_id), tmp_path / "a")
     (folder / "adapter_model.safetensors").write_bytes(b"\x00garbage" * 10)
     with pytest.raises(AdapterError, match="cannot read .*adapter_model.safetensors.*corrupt"):
-        LoraAdapter.load(folder)
+        load_adapter(folder)
     (folder / "adapter_model.safetensors").unlink()
     with pytest.raises(AdapterError, match="no weights"):
-        LoraAdapter.load(folder)
+        load_adapter(folder)
 
 
 @pytest.mark.parametrize("field,value", [("use_dora", True), ("lora_bias", True), ("fan_in_fan_out", True),
@@ -96,7 +96,7 @@ def test_unsupported_peft_features(tiny_lm, tmp_path, field, value):
     config[field] = value
     (folder / "adapter_config.json").write_text(json.dumps(config))
     with pytest.raises(AdapterError, match=field):
-        LoraAdapter.load(folder)
+        load_adapter(folder)
 
 
 def test_nan_weights_refused(tiny_lm, tmp_path):
@@ -104,7 +104,7 @@ def test_nan_weights_refused(tiny_lm, tmp_path):
     next(iter(adapter.modules.values())).B[0, 0] = float("nan")
     folder = _save(adapter, tmp_path / "a")
     with pytest.raises(AdapterError, match="NaN"):
-        LoraAdapter.load(folder)
+        load_adapter(folder)
 
 
 def test_pool_validation(tiny_lm, tiny_t5):

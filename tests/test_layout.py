@@ -1,5 +1,5 @@
 """The layout's one rule (docs/layout.md): imports flow foundation → lora → models → methods/tasks → experts → run
-→ analysis → perf; module-level imports form no circle; every module imports in a fresh interpreter."""
+→ analysis → perf; imports (lazy ones too) form no circle; every module imports in a fresh interpreter."""
 
 from __future__ import annotations
 
@@ -74,24 +74,9 @@ def test_imports_flow_one_way():
     assert wrong == []
 
 
-def module_level_imports(path: Path) -> set[str]:
-    """Project modules imported when `path` is imported (top-level statements; not inside functions)."""
-    tree = ast.parse(path.read_text())
-    out = set()
-    for node in tree.body:
-        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
-            continue
-        for sub in ast.walk(node) if not isinstance(node, (ast.FunctionDef, ast.ClassDef)) else []:
-            if isinstance(sub, ast.Import):
-                out.update(a.name for a in sub.names)
-            elif isinstance(sub, ast.ImportFrom) and sub.module and sub.level == 0:
-                out.add(sub.module)
-    return {m for m in out if m.split(".")[0] in ("bench", "methods", "tasks")}
-
-
 def test_no_import_circles():
-    """The graph of module-level imports between project modules has no cycle."""
-    graph = {name: module_level_imports(path) for name, path in modules()}
+    """The graph of imports between project modules, lazy (function-level) ones included, has no cycle."""
+    graph = {name: {m for _, m in project_imports(path)} for name, path in modules()}
     names = set(graph)
     state: dict[str, int] = {}
     cycles = []

@@ -21,6 +21,7 @@ from peft.utils import merge_utils
 
 from bench.errors import ConfigError
 from bench.lora.adapters import LoraAdapter, LoraModule
+from bench.lora.load import load_adapter
 from bench.lora.pool import ExpertPool
 from bench.registry import get_method
 from methods.base import FitContext
@@ -297,7 +298,7 @@ def test_every_merge_works_on_unet_adapters(name, tmp_path):
     kind, applied = fake.applied[0]
     assert kind == "adapter" and composed.adapter is applied
     assert set(applied.modules) == set(UNET_SHAPES)
-    reloaded = LoraAdapter.load(composed.save(tmp_path / name))  # a peft folder
+    reloaded = load_adapter(composed.save(tmp_path / name))  # a peft folder
     for module, m in applied.modules.items():
         got = reloaded.modules[module]
         assert torch.equal(got.A, m.A) and torch.equal(got.B, m.B) and got.scale == m.scale

@@ -8,7 +8,8 @@ from omegaconf import OmegaConf
 
 from bench.errors import ConfigError
 from methods.base import FitContext
-from methods.mole import MoleGate, Mole, attach_saved_gates, balance_loss, group_of, mole_attached, step_loss
+from methods.mole import Mole, attach_saved_gates, balance_loss, group_of, mole_attached, step_loss
+from methods.ops.mole_gate import MoleGate
 from methods.ops.gates import load_gates, stack_of
 from tasks.algorithmic import generate
 

@@ -9,8 +9,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from bench.errors import AdapterError
-from bench.lora.adapters import LoraAdapter
 from bench.lora.diffusers_lora import WEIGHTS_NAME, load_diffusers_lora, save_diffusers_lora
+from bench.lora.load import load_adapter
 from bench.lora.pool import ExpertPool
 from test_vl_common import images_array, random_sd_adapter, tiny_sd
 
@@ -44,7 +44,7 @@ def test_diffusers_file_roundtrip_is_exact(tmp_path):
     keys = set(load_file(str(folder / WEIGHTS_NAME)))
     assert any(k.startswith("unet.") and k.endswith(".lora_A.weight") for k in keys)
     assert any(k.startswith("text_encoder.") and k.endswith(".lora_B.weight") for k in keys)
-    back = LoraAdapter.load(folder)  # the additive branch of LoraAdapter.load
+    back = load_adapter(folder)  # the additive branch of load_adapter
     assert (back.name, back.base_model, back.metadata["token"]) == ("x", model.model_id, "sks")
     assert back.modules.keys() == adapter.modules.keys()
     for name, m in adapter.modules.items():
@@ -60,7 +60,7 @@ def test_diffusers_load_lora_weights_equals_our_injection_and_base_is_restored(t
     before = {k: v.clone() for k, v in model.components.state_dict().items()}
     modules_before = dict(model.components.named_modules())
     base = _sample(model, noise)
-    with model.adapter_applied(LoraAdapter.load(tmp_path / "x")):
+    with model.adapter_applied(load_adapter(tmp_path / "x")):
         ours = _sample(model, noise)
     assert dict(model.components.named_modules()).keys() == modules_before.keys()
     assert all(model.components.get_submodule(n) is m for n, m in modules_before.items())
@@ -147,16 +147,16 @@ def test_unsupported_diffusers_loras_are_refused(tmp_path):
                            ({key.replace("lora_A", "lora_B").replace(".weight", ".bias"): torch.ones(3)}, "bias")]:
         save_file({**state, **extra}, str(folder / WEIGHTS_NAME))
         with pytest.raises(AdapterError, match=message):
-            LoraAdapter.load(folder)
+            load_adapter(folder)
     conv = {k: v[..., None, None] if k == key else v for k, v in state.items()}
     save_file(conv, str(folder / WEIGHTS_NAME))
     with pytest.raises(AdapterError, match="convolution"):
-        LoraAdapter.load(folder)
+        load_adapter(folder)
     save_file({"text_encoder_2.x.lora_A.weight": torch.ones(1, 2), "text_encoder_2.x.lora_B.weight": torch.ones(2, 1)},
               str(folder / WEIGHTS_NAME))
     with pytest.raises(AdapterError, match="SDXL"):
-        LoraAdapter.load(folder)
+        load_adapter(folder)
     (folder / WEIGHTS_NAME).write_bytes(b"not a safetensors file")
     with pytest.raises(AdapterError, match="cannot read"):
-        LoraAdapter.load(folder)
+        load_adapter(folder)
     json.loads((folder / "bench_adapter.json").read_text())  # the sidecar itself was fine

@@ -261,7 +261,7 @@ def test_mole_gate_math_and_errors():
     loss, q = balance_loss([w1, w2])  # q: mean over gates of the mean over rows
     assert torch.allclose(q, torch.tensor([0.45, 0.55]))
     assert loss.item() == pytest.approx(-(math.log(0.45) + math.log(0.55)), rel=1e-6)
-    gate = Gate(2, 3, 0.2, (1.0, 3.0))  # the LM form's gate (methods.mole.MoleGate): LayerNorm per expert, no bias
+    gate = Gate(2, 3, 0.2, (1.0, 3.0))  # the LM form's gate (methods.ops.mole_gate.MoleGate): LayerNorm per expert, no bias
     assert gate.proj.bias is None
     with torch.no_grad():
         gate.proj.weight.copy_(torch.arange(12.0).view(2, 6) / 10)

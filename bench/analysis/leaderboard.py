@@ -373,6 +373,15 @@ def write(sources: list[Path], out_dir: Path, plots: bool = True,
     return overall, len(jobs)
 
 
+def read_table(csv: Path) -> pd.DataFrame:
+    """A leaderboard CSV as written by `write` (a method without variants keeps an empty variant, not NaN)."""
+    if not csv.is_file():
+        raise SystemExit(f"{csv} does not exist; run `make leaderboard` first")
+    table = pd.read_csv(csv, keep_default_na=False, na_values=[""])
+    table["variant"] = table["variant"].fillna("")
+    return table
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs-dir", action="append", default=None,

@@ -9,15 +9,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from bench.analysis.leaderboard import read_table
 from bench.config import PROJECT_ROOT
-
-
-def read(csv: Path) -> pd.DataFrame:
-    if not csv.is_file():
-        raise SystemExit(f"{csv} does not exist; run `make leaderboard` first")
-    table = pd.read_csv(csv, keep_default_na=False, na_values=[""])
-    table["variant"] = table["variant"].fillna("")  # a method without variants
-    return table
 
 
 def terminal(table: pd.DataFrame) -> str:
@@ -48,7 +41,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--html", nargs="?", const=str(PROJECT_ROOT / "results" / "site"), default=None,
                         metavar="DIR", help="also write the static page (default folder results/site)")
     args = parser.parse_args(argv)
-    table = read(Path(args.csv))
+    table = read_table(Path(args.csv))
     for key in ("profile", "task"):
         if getattr(args, key):
             table = table[table[key] == getattr(args, key)]

@@ -134,10 +134,10 @@ def render(overall: pd.DataFrame, per_subtask: pd.DataFrame, plots_dir: Path) ->
 
 def write_site(results_dir: Path, out_dir: Path) -> Path:
     """`results_dir`'s leaderboard CSVs and plots -> `out_dir`/index.html."""
-    from bench.analysis.report import read
+    from bench.analysis.leaderboard import read_table
 
-    overall = read(results_dir / "leaderboard.csv")
-    per_subtask = read(results_dir / "leaderboard_subtasks.csv")
+    overall = read_table(results_dir / "leaderboard.csv")
+    per_subtask = read_table(results_dir / "leaderboard_subtasks.csv")
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / "index.html"
     path.write_text(render(overall, per_subtask, results_dir / "plots"))

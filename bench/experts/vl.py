@@ -32,6 +32,7 @@ from bench.errors import AdapterError, ConfigError, DataError
 from bench.files import write_json_atomic
 from bench.lora.adapters import LoraAdapter, LoraModule
 from bench.lora.diffusers_lora import WEIGHTS_NAME, save_diffusers_lora
+from bench.lora.load import load_adapter
 from bench.lora.pool import ExpertPool
 
 MANIFEST = "manifest.json"
@@ -103,7 +104,7 @@ def load_subject_pool(experts_cfg, model, data_root: str | None, train_if_missin
             raise AdapterError(f"expert pool {experts_cfg.name!r} at {folder}: {problem}; run `make experts`")
         log.info("training expert pool %s (%s)", experts_cfg.name, problem)
         train_subject_pool(experts_cfg, model, data_root, folder)
-    pool = ExpertPool(model.model_id, [LoraAdapter.load(folder / s) for s in subject_names(experts_cfg, data)])
+    pool = ExpertPool(model.model_id, [load_adapter(folder / s) for s in subject_names(experts_cfg, data)])
     for adapter in pool:
         model.check_adapter(adapter)
     return pool

@@ -123,18 +123,6 @@ class LoraAdapter:
 
     # ----------------------------------------------------------------- I/O
     @classmethod
-    def load(cls, source: str | Path, name: str | None = None, cache_dir: str | None = None) -> "LoraAdapter":
-        """Load a peft adapter (or a diffusers LoRA folder, see `bench.lora.diffusers_lora`) from a local folder or a hub id
-        (``user/repo`` or ``user/repo/subfolder``)."""
-        folder = resolve_adapter_folder(source, cache_dir)
-        if not (folder / CONFIG_FILE).is_file():
-            from bench.lora.diffusers_lora import find_weights, load_diffusers_lora
-
-            if find_weights(folder) is not None:  # a diffusers LoRA folder (pytorch_lora_weights.safetensors)
-                return load_diffusers_lora(folder, name=name)
-        return cls.from_peft_folder(folder, name=name)
-
-    @classmethod
     def from_peft_folder(cls, folder: str | Path, name: str | None = None) -> "LoraAdapter":
         folder = Path(folder)
         name = name or folder.name

@@ -10,6 +10,7 @@ import torch
 
 from bench.errors import AdapterError
 from bench.lora.adapters import LoraAdapter
+from bench.lora.load import load_adapter
 
 
 def same_base(a: str, b: str) -> bool:
@@ -116,4 +117,4 @@ class ExpertPool:
     @classmethod
     def from_sources(cls, base_model: str, sources: list[str | Path], cache_dir: str | None = None) -> "ExpertPool":
         """Load each adapter (peft folder or hub id) in order and validate the pool."""
-        return cls(base_model, [LoraAdapter.load(s, cache_dir=cache_dir) for s in sources])
+        return cls(base_model, [load_adapter(s, cache_dir=cache_dir) for s in sources])

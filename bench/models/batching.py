@@ -76,3 +76,10 @@ def loss_token_budget(model: torch.nn.Module) -> int:
     per_token = 12 * vocab + 16 * layers * hidden * next(model.parameters()).element_size()
     free, _ = torch.cuda.mem_get_info(device)
     return max(DEFAULT_LOSS_TOKEN_BUDGET, int(CUDA_MEMORY_SHARE * free / per_token))
+
+
+def pad_rows(rows: list[list[int]], value: int, side: str) -> torch.Tensor:
+    """`rows` of token ids padded with `value` on the left or right to the longest: a (rows, longest) tensor of longs."""
+    width = max(len(r) for r in rows)
+    padded = [([value] * (width - len(r)) + r) if side == "left" else (r + [value] * (width - len(r))) for r in rows]
+    return torch.tensor(padded, dtype=torch.long)

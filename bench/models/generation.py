@@ -46,10 +46,9 @@ from typing import Sequence
 import torch
 from tqdm.auto import tqdm
 
-from bench.progress import BARS_OFF
-
-from bench.models.batching import Batch, default_token_budget, plan_batches
+from bench.models.batching import Batch, default_token_budget, pad_rows, plan_batches
 from bench.models.decode_attention import grouped_decoding
+from bench.progress import BARS_OFF
 
 log = logging.getLogger(__name__)
 
@@ -79,10 +78,8 @@ NO_HOOKS = RowHooks()
 
 
 def _padded(rows: list[list[int]], pad: int, side: str, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Input ids and attention mask of `rows` padded on `side` (`bench.models.lm._pad`), on `device`."""
-    from bench.models.lm import _pad
-
-    return _pad(rows, pad, side).to(device), _pad([[1] * len(r) for r in rows], 0, side).to(device)
+    """Input ids and attention mask of `rows` padded on `side` (`bench.models.batching.pad_rows`), on `device`."""
+    return pad_rows(rows, pad, side).to(device), pad_rows([[1] * len(r) for r in rows], 0, side).to(device)
 
 
 def _expand(keep: torch.Tensor, b: int, fanout: int) -> torch.Tensor:

@@ -12,6 +12,7 @@ from typing import Iterator, Sequence
 import torch
 
 from bench.lora.adapters import LoraAdapter
+from bench.models.batching import pad_rows
 
 
 @dataclass
@@ -58,9 +59,9 @@ class LanguageModel:
         Prompts are truncated from the left so the target always fits within `max_len`.
         """
         rows, labels = self._pair_rows(inputs, targets, max_len)
-        batch = _pad(rows, self.tokenizer.pad_token_id, side="right")
-        out = {"input_ids": batch, "attention_mask": (_pad([[1] * len(r) for r in rows], 0, side="right"))}
-        out["labels"] = _pad(labels, -100, side="right")
+        batch = pad_rows(rows, self.tokenizer.pad_token_id, side="right")
+        out = {"input_ids": batch, "attention_mask": (pad_rows([[1] * len(r) for r in rows], 0, side="right"))}
+        out["labels"] = pad_rows(labels, -100, side="right")
         return {k: v.to(self.device) for k, v in out.items()}
 
     def _pair_rows(self, inputs: Sequence[str], targets: Sequence[str],
@@ -245,9 +246,3 @@ def adapter_deltas(adapter: LoraAdapter, model: torch.nn.Module) -> dict[str, to
         dtype = torch.promote_types(m.A.dtype, torch.float32)
         deltas[path] = m.scale * (m.B.to(device, dtype) @ m.A.to(device, dtype))
     return deltas
-
-
-def _pad(rows: list[list[int]], value: int, side: str) -> torch.Tensor:
-    width = max(len(r) for r in rows)
-    padded = [([value] * (width - len(r)) + r) if side == "left" else (r + [value] * (width - len(r))) for r in rows]
-    return torch.tensor(padded, dtype=torch.long)
