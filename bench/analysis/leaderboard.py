@@ -106,22 +106,19 @@ class Setting:
             self.left_out.append((job.source, "eval examples differ from the other jobs of its setting"))
             return
         config = short_hash(record.get("method_params", {}))
+        slot = {t: j for j, t in enumerate(examples)}
+        order = {(t, k): i for t in examples for i, k in enumerate(examples[t])}
         for row in record["rows"]:
             if row["subtask"] != "all":
                 continue
             variant = row.get("variant") or ""
             data = self.rows.setdefault((record["method"], variant, row["metric"], config), {
                 "seeds": {}, "costs": [], "record": record})
-            order = {k: i for t in examples for i, k in enumerate(examples[t])}
-            values = []
-            for t in examples:
-                vec = np.full(len(examples[t]), np.nan)
-                for p in by_variant.get(variant, []):
-                    if p["subtask"] == t:
-                        value = example_value(p, row["metric"])
-                        if value is not None:
-                            vec[order[example_key(p)]] = value
-                values.append(vec)
+            values = [np.full(len(examples[t]), np.nan) for t in examples]
+            for p in by_variant.get(variant, []):
+                value = example_value(p, row["metric"])
+                if value is not None:
+                    values[slot[p["subtask"]]][order[(p["subtask"], example_key(p))]] = value
             if any(np.isnan(v).any() for v in values):
                 self.left_out.append((job.source, f"predictions lack {row['metric']} for variant {variant!r}"))
                 continue

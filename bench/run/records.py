@@ -118,10 +118,18 @@ def iter_records(runs_dir: str | Path, skipped: list[tuple[str, str]] | None = N
         yield record
 
 
-def find_record(runs_dir: str | Path, key: str, status: str | None = "ok", field: str = "job_key") -> dict | None:
-    """The newest record whose `field` is `key` (with `status`, when given)."""
-    found = [r for r in iter_records(runs_dir) if r.get(field) == key and (status is None or r.get("status") == status)]
-    return max(found, key=lambda r: r.get("finished_at", ""), default=None)
+def find_records(runs_dir: str | Path, queries: dict[str, str], status: str | None = "ok") -> dict[str, dict | None]:
+    """For each `field: key` of `queries`, the newest record whose `field` is `key` (with `status`, when given),
+    in one pass over `runs_dir`."""
+    newest: dict[str, dict | None] = dict.fromkeys(queries)
+    for record in iter_records(runs_dir):
+        if status is not None and record.get("status") != status:
+            continue
+        for field, key in queries.items():
+            best = newest[field]
+            if record.get(field) == key and (best is None or record.get("finished_at", "") > best.get("finished_at", "")):
+                newest[field] = record
+    return newest
 
 
 @lru_cache(maxsize=1)

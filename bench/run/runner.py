@@ -3,7 +3,7 @@
 Order of work:
 1. `prepare` validates everything cheap (method and task names and hyperparameters, domains) — a bad input
    raises `BenchError` before anything is loaded or written.
-2. `find_record` skips a job whose record exists with status ok (unless `force=true`): same config and same
+2. `find_records` skips a job whose record exists with status ok (unless `force=true`): same config and same
    input digests (`bench.run.inputs`); when only the inputs differ from an earlier record, the log says which.
 3. `execute` runs; a failure there writes a record with status "failed" and the error (see `run`), so a
    sweep goes on and a re-run retries only that job.
@@ -25,7 +25,7 @@ from omegaconf import DictConfig
 from bench.errors import BenchError, ConfigError
 from bench.files import write_json_atomic
 from bench.run.records import (
-    RECORD_FILE, find_record, git_sha, input_key, job_config, job_key, library_versions,
+    RECORD_FILE, find_records, git_sha, input_key, job_config, job_key, library_versions,
 )
 from bench.registry import get_method, get_task
 from bench.run.tracking import log_record
@@ -71,11 +71,11 @@ def run(cfg: DictConfig, output_dir: str | Path, record_input_errors: bool = Fal
     key = input_key(config_key, inputs)
     runs_dir = Path(cfg.paths.runs_dir)
     if not cfg.get("force", False):
-        done = find_record(runs_dir, key)
+        found = find_records(runs_dir, {"job_key": key, "config_key": config_key})
+        done, earlier = found["job_key"], found["config_key"]
         if done is not None:
             log.info("skip: job %s already done (%s); force=true re-runs it", key, done["_path"])
             return {**done, "skipped": True}
-        earlier = find_record(runs_dir, config_key, field="config_key")
         if earlier is not None:
             what = describe(changed(earlier.get("inputs", {}), inputs))
             log.info("re-running job %s: %s changed since %s", config_key, what, earlier["_path"])
