@@ -123,3 +123,31 @@ def test_published_records_rebuild_the_tables_byte_for_byte(runs, tmp_path, caps
     from_runs = tmp_path / "c"
     main(["--runs-dir", str(runs), "--out", str(from_runs), "--no-plots"])
     assert (from_runs / "leaderboard.csv").read_bytes() == (tmp_path / "a" / "leaderboard.csv").read_bytes()
+
+
+def test_cost_plot_labels_neither_overlap_nor_leave_the_axes():
+    """Crowded points (several at one cost and nearly one score) still get every label, apart and inside."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from bench.analysis.leaderboard import place_labels
+
+    rng = np.random.default_rng(0)
+    xs = np.concatenate([np.full(8, 3.0), rng.uniform(1, 30, 12)])
+    ys = np.concatenate([0.30 + 0.002 * np.arange(8), rng.uniform(0, 0.35, 12)])
+    labels = [f"method_{i}[variant={i}]" for i in range(len(xs))]
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    ax.scatter(xs, ys)
+    ax.set_xscale("symlog")
+    fig.tight_layout()
+    texts = place_labels(ax, xs, ys, labels)
+    renderer = fig.canvas.get_renderer()
+    boxes = [t.get_window_extent(renderer) for t in texts]
+    frame = ax.get_window_extent(renderer)
+    assert sorted(t.get_text() for t in texts) == sorted(labels)
+    for i, a in enumerate(boxes):
+        assert a.x0 >= frame.x0 and a.x1 <= frame.x1 and a.y0 >= frame.y0 and a.y1 <= frame.y1
+        assert not any(a.overlaps(b) for b in boxes[i + 1:])
+    plt.close(fig)

@@ -226,3 +226,15 @@ def test_report_prints_no_nan_for_methods_without_variants(tmp_path, capsys):
     main(["--csv", str(tmp_path / "out" / "leaderboard.csv")])
     out = capsys.readouterr().out
     assert "linear" in out and "NaN" not in out and "nan" not in out
+
+
+def test_the_base_job_prints_its_own_scores():
+    """A `method=base` job's closing table shows its scores (its column is called base, like the reference's)."""
+    from bench.run.job_report import score_table
+
+    rows = [{"variant": "", "subtask": s, "metric": "exact_match", "value": v, "n": 20}
+            for s, v in (("boolean_expressions", 0.25), ("word_sorting", 0.05), ("all", 0.15))]
+    lines = score_table({"method": "base", "rows": rows}, None).splitlines()
+    assert lines[0].split() == ["n", "base"]
+    assert {line.split()[-3:][0]: line.split()[-1] for line in lines[2:]} == {
+        "boolean_expressions": "0.250", "word_sorting": "0.050", "all": "0.150"}

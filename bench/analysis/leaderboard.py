@@ -282,6 +282,7 @@ def plot(overall: pd.DataFrame, out_dir: Path) -> list[Path]:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = []
@@ -306,38 +307,60 @@ def plot(overall: pd.DataFrame, out_dir: Path) -> list[Path]:
         fig, ax = plt.subplots(figsize=(7, 4.5))
         cost = (group["fit_seconds"].fillna(0) + group["eval_seconds"].fillna(0)).to_numpy()
         ax.scatter(cost, group["mean"], color=np.where(tied, "tab:green", "tab:blue"))
-        for x, label_y, label in zip(cost, spread(group["mean"].to_numpy(), 0.035 * _span(group["mean"])), labels):
-            ax.annotate(label, (x, label_y), fontsize=6, xytext=(4, 0), textcoords="offset points", va="center")
         ax.set_xscale("symlog")
+        ax.xaxis.set_major_locator(matplotlib.ticker.SymmetricalLogLocator(base=10, linthresh=1, subs=[1, 2, 5]))
+        ax.xaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
         ax.set_xlabel("fit + eval seconds per job")
         ax.set_ylabel(metric)
         ax.set_title(f"quality vs cost · {first['task']} · {first['profile']}", fontsize=9)
+        fig.tight_layout()  # fix the frame before placing labels in it
+        place_labels(ax, cost, group["mean"].to_numpy(), labels)
         paths.append(_save(fig, out_dir / f"{stem}_cost.png"))
     return paths
 
 
-def _span(values: pd.Series) -> float:
-    return float(values.max() - values.min()) or 1.0
+def place_labels(ax, xs: np.ndarray, ys: np.ndarray, labels: list[str], step: float = 7.0,
+                 tries: int = 12) -> list:
+    """Annotate each point with its label, right of the point when that spot is free, else the nearest free
+    spot up or down (in `step`-point moves; a thin line then joins label and point), so that no two labels and
+    no label and point overlap and every label stays inside the axes. Returns the text objects."""
+    fig = ax.figure
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    frame = ax.get_window_extent(renderer)
+    pad = 2.0 * fig.dpi / 72  # two points around each marker
+    markers = [ax.transData.transform((x, y)) for x, y in zip(xs, ys)]
+    taken = [(mx - pad * 2, my - pad * 2, mx + pad * 2, my + pad * 2) for mx, my in markers]
 
+    def free(box) -> bool:
+        inside = box.x0 >= frame.x0 and box.x1 <= frame.x1 and box.y0 >= frame.y0 and box.y1 <= frame.y1
+        return inside and not any(box.x0 < x1 and box.x1 > x0 and box.y0 < y1 and box.y1 > y0
+                                  for x0, y0, x1, y1 in taken)
 
-def spread(values: np.ndarray, gap: float) -> np.ndarray:
-    """Label heights near `values`, in the same order, at least `gap` apart (labels that would overlap are
-    pushed apart symmetrically)."""
-    order = np.argsort(values, kind="stable")
-    placed = values[order].astype(float).copy()
-    for _ in range(len(placed)):
-        moved = False
-        for i in range(1, len(placed)):
-            if placed[i] - placed[i - 1] < gap - 1e-12:
-                shift = (gap - (placed[i] - placed[i - 1])) / 2
-                placed[i - 1] -= shift
-                placed[i] += shift
-                moved = True
-        if not moved:
+    texts = []
+    for i in np.argsort(-np.asarray(ys), kind="stable"):
+        moves = [0.0] + [sign * k * step for k in range(1, tries + 1) for sign in (1, -1)]
+        for dx in (5.0, -5.0):
+            for dy in moves:
+                text = ax.annotate(labels[i], (xs[i], ys[i]), xytext=(dx, dy), textcoords="offset points",
+                                   fontsize=6, va="center", ha="left" if dx > 0 else "right")
+                box = text.get_window_extent(renderer)
+                if free(box):
+                    break
+                text.remove()
+            else:
+                continue
             break
-    out = np.empty_like(placed)
-    out[order] = placed
-    return out
+        else:  # nowhere free: keep the plain spot (readable beats absent)
+            text = ax.annotate(labels[i], (xs[i], ys[i]), xytext=(5, 0), textcoords="offset points",
+                               fontsize=6, va="center")
+            box = text.get_window_extent(renderer)
+        if dy:
+            ax.annotate("", (xs[i], ys[i]), xytext=(dx, dy), textcoords="offset points",
+                        arrowprops={"arrowstyle": "-", "color": "0.6", "lw": 0.5})
+        taken.append((box.x0, box.y0, box.x1, box.y1))
+        texts.append(text)
+    return texts
 
 
 def _save(fig, path: Path) -> Path:

@@ -27,14 +27,13 @@ def score_table(record: dict, base: dict | None) -> str:
         rows["column"] = label or rows["variant"].fillna("").replace("", rec["method"])
         return rows
 
-    rows = frame(record, None)
-    if base is not None:
-        rows = pd.concat([rows, frame(base, "base")])
+    own = frame(record, None)
+    columns = list(dict.fromkeys(own["column"]))  # the job's own columns (a base job's is called "base" too)
+    rows = own if base is None else pd.concat([own, frame(base, "base")])
     table = rows.pivot_table(index=["metric", "subtask"], columns="column", values="value", aggfunc="first",
                              sort=False)
-    table.insert(0, "n", rows[rows["column"] != "base"].groupby(["metric", "subtask"], sort=False)["n"].first())
-    order = [c for c in table.columns if c not in ("n", "base")]
-    table = table[["n", *order, *(["base"] if base is not None else [])]]
+    table.insert(0, "n", own.groupby(["metric", "subtask"], sort=False)["n"].first())
+    table = table[["n", *columns, *(["base"] if base is not None else [])]]
     subtasks = [s for s in table.index.get_level_values("subtask").unique() if s != "all"] + ["all"]
     table = table.reindex(subtasks, level="subtask")
     table.columns.name = None
@@ -44,7 +43,8 @@ def score_table(record: dict, base: dict | None) -> str:
 def job_report(record: dict, record_path: str | Path, runs_dir: str | Path) -> str:
     """The closing lines of a job: the score table and the record's folder."""
     base = None if record.get("method") == "base" else base_record(runs_dir, record)
-    note = ("base: the base model on the same examples" if base is not None else
+    note = ("this job is the base model" if record.get("method") == "base" else
+            "base: the base model on the same examples" if base is not None else
             "no base-model record on these examples yet; run method=base to compare")
     folder = Path(record_path).parent
     return (f"{score_table(record, base)}\n({note})\nrecord: {folder}/record.json "
