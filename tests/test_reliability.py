@@ -5,13 +5,17 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import stat
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 from bench.analysis.published import read_jobs
+from bench.config import PROJECT_ROOT as ROOT
 from bench.files import write_json_atomic
 from bench.run.records import iter_records, record_problem
 from conftest import random_adapter
@@ -238,3 +242,18 @@ def test_the_base_job_prints_its_own_scores():
     assert lines[0].split() == ["n", "base"]
     assert {line.split()[-3:][0]: line.split()[-1] for line in lines[2:]} == {
         "boolean_expressions": "0.250", "word_sorting": "0.050", "all": "0.150"}
+
+
+def test_two_jobs_on_a_cold_cache_build_the_model_and_the_pool_once(tmp_path):
+    """`make experts` twice at once (as two array tasks would): one converts the model and trains the pool,
+    the other waits on the locks and reuses both."""
+    env = {**os.environ, "BENCH_CACHE_DIR": str(tmp_path / "cache"), "BENCH_RUNS_DIR": str(tmp_path / "runs")}
+    procs = [subprocess.Popen([sys.executable, "-m", "bench.run.train_experts", "profile=smoke",
+                               f"hydra.run.dir={tmp_path / f'h{i}'}"], cwd=ROOT, env=env, text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for i in range(2)]
+    outs = [p.communicate(timeout=600)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    both = "\n".join(outs)
+    assert both.count("- training expert pool smoke_algorithmic") == 1, both
+    assert "waiting for another process to finish" in both
+    assert "is complete at" in both  # the waiting one found the pool trained

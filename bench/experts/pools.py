@@ -15,6 +15,7 @@ from tqdm.auto import tqdm
 
 from bench.config import default_data_root
 from bench.errors import AdapterError, ConfigError
+from bench.files import exclusive
 from bench.lora.adapters import LoraAdapter
 from bench.lora.pool import ExpertPool
 from bench.models.lm import LanguageModel
@@ -50,7 +51,9 @@ def load_pool(cfg: DictConfig, model, data_root: str | None, train_if_missing: b
         if problem:
             if not train_if_missing:
                 raise AdapterError(f"expert pool {cfg.name!r} at {folder}: {problem}; run `make experts`")
-            train_pool(cfg, model, data_root)
+            with exclusive(folder, f"training expert pool {cfg.name}"):
+                if pool_problem(cfg, model, data_root):  # another job may have trained it meanwhile
+                    train_pool(cfg, model, data_root)
         names = expert_names(cfg)
         pool = ExpertPool(model.model_id, [LoraAdapter.from_peft_folder(folder / n, name=n) for n in names])
     pool.check_model(model.base_model)

@@ -29,7 +29,7 @@ from omegaconf import OmegaConf
 from tqdm.auto import tqdm
 
 from bench.errors import AdapterError, ConfigError, DataError
-from bench.files import write_json_atomic
+from bench.files import exclusive, write_json_atomic
 from bench.lora.adapters import LoraAdapter, LoraModule
 from bench.lora.diffusers_lora import WEIGHTS_NAME, save_diffusers_lora
 from bench.lora.load import load_adapter
@@ -102,8 +102,11 @@ def load_subject_pool(experts_cfg, model, data_root: str | None, train_if_missin
     if problem:
         if not train_if_missing:
             raise AdapterError(f"expert pool {experts_cfg.name!r} at {folder}: {problem}; run `make experts`")
-        log.info("training expert pool %s (%s)", experts_cfg.name, problem)
-        train_subject_pool(experts_cfg, model, data_root, folder)
+        with exclusive(folder, f"training expert pool {experts_cfg.name}"):
+            problem = pool_problem(experts_cfg, model, data)  # another job may have trained it meanwhile
+            if problem:
+                log.info("training expert pool %s (%s)", experts_cfg.name, problem)
+                train_subject_pool(experts_cfg, model, data_root, folder)
     pool = ExpertPool(model.model_id, [load_adapter(folder / s) for s in subject_names(experts_cfg, data)])
     for adapter in pool:
         model.check_adapter(adapter)

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from bench.files import exclusive
 from bench.errors import ConfigError
 from bench.models.lm import LanguageModel
 
@@ -98,21 +99,21 @@ def materialize(cfg: DictConfig, cache_dir: Path) -> Path:
     folder = cache_dir / "models" / str(cfg.name)
     if (folder / "config.json").is_file():
         return folder
-    # Each process converts into its own temporary folder: parallel jobs that start together (a sweep's
-    # first wave) must not write into one folder; the first complete folder renamed into place wins.
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
-    try:
-        if cfg.source == "gguf":
-            _convert_gguf(cfg, tmp)
-        else:
-            _build_tiny(cfg, tmp)
-        tmp.rename(folder)
-    except OSError:
-        if not (folder / "config.json").is_file():
-            raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    # One process converts (the others wait on the lock, then reuse its folder); it writes into a temporary
+    # folder renamed into place when complete, so a killed conversion leaves no half-written model behind.
+    with exclusive(folder, f"converting model {cfg.name}"):
+        if (folder / "config.json").is_file():
+            return folder
+        tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+        try:
+            if cfg.source == "gguf":
+                _convert_gguf(cfg, tmp)
+            else:
+                _build_tiny(cfg, tmp)
+            shutil.rmtree(folder, ignore_errors=True)  # a folder without config.json: an interrupted old layout
+            tmp.rename(folder)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
     return folder
 
 

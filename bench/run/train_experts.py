@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import logging
 import time
+from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig
 
 from bench.config import CONF_DIR, register_resolvers
 from bench.errors import ConfigError
+from bench.files import exclusive
 
 log = logging.getLogger("bench")
 CLEAR_MARGIN_P = 0.01
@@ -39,13 +41,14 @@ def main(cfg: DictConfig) -> None:
     if cfg.get("rescore"):
         report(rescore_pool(cfg.experts, model, data_root), started=None)
         return
-    problem = "force=true" if cfg.force else pool_problem(cfg.experts, model, data_root)
-    if problem is None:
-        log.info("expert pool %s is complete at %s; nothing to do", cfg.experts.name, cfg.experts.dir)
-        return
-    log.info("training expert pool %s (%s)", cfg.experts.name, problem)
-    started = time.strftime("%Y-%m-%dT%H:%M:%S")
-    manifest = train_pool(cfg.experts, model, data_root, force=bool(cfg.force))
+    with exclusive(Path(cfg.experts.dir), f"training expert pool {cfg.experts.name}"):
+        problem = "force=true" if cfg.force else pool_problem(cfg.experts, model, data_root)
+        if problem is None:
+            log.info("expert pool %s is complete at %s; nothing to do", cfg.experts.name, cfg.experts.dir)
+            return
+        log.info("training expert pool %s (%s)", cfg.experts.name, problem)
+        started = time.strftime("%Y-%m-%dT%H:%M:%S")
+        manifest = train_pool(cfg.experts, model, data_root, force=bool(cfg.force))
     report(manifest, started)
 
 
