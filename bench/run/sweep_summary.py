@@ -1,8 +1,9 @@
 """The end-of-sweep summary: how many jobs ran, were skipped, or failed (a Hydra callback).
 
 Each job appends one line to ``<sweep dir>/jobs.jsonl`` (an O_APPEND write of one short line, safe across
-the processes of parallel launchers); the callback counts them when the multirun ends, names the failed
-jobs, and makes the process exit non-zero when any failed.
+the processes of parallel launchers), and the cluster driver (`bench.run.launcher`) one for each cell it skips or
+whose job ends without a result; the callback counts them when the multirun ends, names the cells that did not
+finish, and makes the process exit non-zero when any.
 """
 
 from __future__ import annotations
@@ -31,24 +32,24 @@ def note_job(sweep_dir: str | Path, status: str, job_key: str | None, overrides:
         os.close(fd)
 
 
-def summarize(sweep_dir: str | Path) -> Counter:
-    path = Path(sweep_dir) / JOBS_FILE
-    lines = path.read_text().splitlines() if path.is_file() else []
-    return Counter(json.loads(line)["status"] for line in lines)
+ENDED_BADLY = ("failed", "cancelled", "timeout", "preempted")  # statuses that make the sweep exit 1
 
 
 class SweepSummary(Callback):
-    """Logs the counts when the multirun ends and exits with status 1 if any job failed (after the summary;
-    `make sweep` rebuilds the leaderboard of what finished either way)."""
+    """Logs the counts when the multirun ends (the cluster launcher also notes jobs that ended without a result:
+    cancelled, timed out, preempted), names the cells that did not finish, and exits with status 1 if any
+    (after the summary; `make sweep` then still tabulates what finished)."""
 
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
-        counts = summarize(config.hydra.sweep.dir)
-        log.info("sweep %s: %d ran ok, %d skipped (already done), %d failed", config.hydra.sweep.dir,
-                 counts.get("ok", 0), counts.get("skipped", 0), counts.get("failed", 0))
-        if counts.get("failed", 0):
-            failed = [json.loads(line)["overrides"] for line in
-                      (Path(config.hydra.sweep.dir) / JOBS_FILE).read_text().splitlines()
-                      if json.loads(line)["status"] == "failed"]
-            for overrides in failed:
-                log.error("failed: %s", " ".join(overrides))
+        path = Path(config.hydra.sweep.dir) / JOBS_FILE
+        lines = [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
+        counts = Counter(line["status"] for line in lines)
+        extra = "".join(f", {counts[s]} {s}" for s in ENDED_BADLY[1:] if counts.get(s))
+        log.info("sweep %s: %d ran ok, %d skipped (already done), %d failed%s", config.hydra.sweep.dir,
+                 counts.get("ok", 0), counts.get("skipped", 0), counts.get("failed", 0), extra)
+        bad = [line for line in lines if line["status"] in ENDED_BADLY]
+        for line in bad:
+            log.error("%s: %s", line["status"], " ".join(line["overrides"]))
+        if bad:
+            log.error("re-run the same command to run only these")
             raise SystemExit(1)
