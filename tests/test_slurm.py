@@ -160,3 +160,35 @@ def test_a_cancelled_job_is_noted_the_sweep_finishes_and_a_rerun_resumes_it(tmp_
     assert "2 cell(s), 1 to submit (1 done" in out and statuses == {"skipped": 1, "ok": 1}
     records = ok_records(runs)
     assert sorted(r["seed"] for r in records) == [0, 1] and len({r["job_key"] for r in records}) == 2
+
+
+def test_local_jobs_get_gpus_of_their_own(monkeypatch):
+    from bench.run.launcher import GpuSlots
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,3,5")
+    slots = GpuSlots.from_machine(1)
+    assert slots.capacity == 3
+    held = [slots.take() for _ in range(3)]
+    assert held == [(2,), (3,), (5,)] and slots.free == []
+    slots.give(held[1])
+    assert slots.take() == (3,)
+    pairs = GpuSlots([0, 1, 2, 3, 4], 2)
+    assert pairs.capacity == 2 and pairs.take() == (0, 1) and pairs.take() == (2, 3)
+    with pytest.raises(ConfigError, match="gpus_per_node=4, but this machine shows 3 GPU"):
+        GpuSlots.from_machine(4)
+
+
+def test_a_local_sweep_runs_one_job_per_gpu(tmp_path):
+    """slurm_local with gpus_per_node=1 on a machine showing two GPUs: two jobs at a time, each on its own."""
+    runs = tmp_path / "runs"
+    env = {**os.environ, "SWEEP_NAME": "gpus", "CUDA_VISIBLE_DEVICES": "0,1"}
+    argv = [sys.executable, "-m", "bench", "-m", "hydra/launcher=slurm_local", "hydra.launcher.gpus_per_node=1",
+            "method=base,linear,ties", "task=algorithmic", "profile=smoke", "device=cpu", f"paths.runs_dir={runs}",
+            f"paths.cache_dir={CACHE}"]
+    proc = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-3000:]
+    assert "local GPUs [0, 1]: 2 job(s) at a time, 1 GPU(s) each" in out
+    gpus = [line.rsplit(" on GPU ", 1)[1] for line in out.splitlines() if "submitted as job" in line]
+    assert sorted(gpus[:2]) == ["0", "1"] and len(gpus) == 3
+    assert len(ok_records(runs)) == 3

@@ -5,7 +5,8 @@ need a job, one named job each, and survives its jobs.
    without a cluster job, invalid ones fail with their error; on Slurm the request is checked against the
    partition's limits (`bench.run.slurm.check_request`) before anything is submitted.
 2. Pending cells are submitted one job each, named ``<method>-<task>-s<seed>``, at most `max_in_flight` at a
-   time; the signal delay is shortened for short time limits so a job is not signalled before it starts.
+   time; the signal delay is shortened for short time limits so a job is not signalled before it starts. With
+   the local executor and `gpus_per_node`, each job gets its own GPUs (`GpuSlots`): one job per GPU.
 3. The driver follows its jobs (result files, then `sacct` or `squeue`) until each has ended. A job that ends
    without a result — cancelled, timed out, preempted, killed — is noted as such in the sweep's ``jobs.jsonl``;
    the sweep goes on, prints its summary (`bench.run.sweep_summary`) and exits 1; re-running it submits only
@@ -17,6 +18,7 @@ The Hydra plugin classes (`hydra_plugins.bench_launcher`) mix `FilteringLaunch` 
 from __future__ import annotations
 
 import logging
+import os
 import time
 from pathlib import Path
 from typing import Any, Sequence
@@ -24,7 +26,7 @@ from typing import Any, Sequence
 from hydra.core.singleton import Singleton
 from hydra.core.utils import JobReturn, JobStatus
 
-from bench.errors import BenchError
+from bench.errors import BenchError, ConfigError
 from bench.run.plan import Cell, plan_cells
 from bench.run.sweep_summary import note_job
 
@@ -38,6 +40,36 @@ def signal_delay(timeout_min: int, requested_s: int) -> int:
     """Seconds before the time limit at which submitit signals a job: at most a quarter of the limit, so that
     short limits do not signal a job as it starts."""
     return max(MIN_SIGNAL_S, min(int(requested_s), int(timeout_min) * 60 // 4))
+
+
+class GpuSlots:
+    """The GPUs of this machine handed to local jobs, `per_job` each, so that jobs never share one: a sweep on a
+    multi-GPU node runs one job per GPU (Slurm does the same itself through gres)."""
+
+    def __init__(self, devices: list[int], per_job: int) -> None:
+        if per_job > len(devices):
+            raise ConfigError(f"gpus_per_node={per_job}, but this machine shows {len(devices)} GPU(s) ({devices})")
+        self.free, self.per_job = list(devices), per_job
+        self.capacity = len(devices) // per_job
+
+    @classmethod
+    def from_machine(cls, per_job: int) -> "GpuSlots":
+        """GPU ids from CUDA_VISIBLE_DEVICES when set (physical ids, passed on to the jobs), else all of torch's."""
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+        if visible is not None:
+            devices = [int(d) for d in visible.split(",") if d.strip()]
+        else:
+            import torch
+
+            devices = list(range(torch.cuda.device_count()))
+        return cls(devices, per_job)
+
+    def take(self) -> tuple[int, ...]:
+        taken, self.free = self.free[: self.per_job], self.free[self.per_job:]
+        return tuple(taken)
+
+    def give(self, devices: tuple[int, ...]) -> None:
+        self.free = sorted(self.free + list(devices))
 
 
 def finished(cell: Cell, status: str, detail: str = "") -> JobReturn:
@@ -113,6 +145,11 @@ class FilteringLaunch:
         from bench.run.slurm import FINAL, JobStates, outcome
 
         limit = int(self.params.get("max_in_flight") or 64)
+        per_job = int(self.params.get("gpus_per_node") or 0)
+        slots = GpuSlots.from_machine(per_job) if self._EXECUTOR == "local" and per_job else None
+        if slots is not None:
+            limit = min(limit, slots.capacity)
+            log.info("local GPUs %s: %d job(s) at a time, %d GPU(s) each", slots.free, limit, per_job)
         states = JobStates(self.params.get("accounting", "auto")) if self._EXECUTOR == "slurm" else None
         poll_s = float(self.params.get("poll_s") or 5)
         queue, running, returns = list(cells), {}, {}
@@ -121,18 +158,24 @@ class FilteringLaunch:
         while queue or running:
             while queue and len(running) < limit:
                 cell = queue.pop(0)
+                gpus = slots.take() if slots is not None else ()
                 executor.update_parameters(name=cell.name)
+                if gpus:  # submitit's LocalExecutor takes visible_gpus; AutoExecutor does not pass it on
+                    executor._executor.update_parameters(visible_gpus=gpus)
                 job = executor.submit(self, cell.overrides, "hydra.sweep.dir", cell.index, f"job_id_for_{cell.index}",
                                       Singleton.get_state())
-                log.info("#%d %s: submitted as job %s", cell.index, cell.name, job.job_id)
-                running[job.job_id] = (cell, job)
+                log.info("#%d %s: submitted as job %s%s", cell.index, cell.name, job.job_id,
+                         f" on GPU {','.join(map(str, gpus))}" if gpus else "")
+                running[job.job_id] = (cell, job, gpus)
                 self._submitted[job.job_id] = time.time()
             seen = states.poll(list(running)) if states is not None else {}
-            for job_id, (cell, job) in list(running.items()):
+            for job_id, (cell, job, gpus) in list(running.items()):
                 ret = self._outcome(cell, job, seen, sweep_dir, FINAL, outcome)
                 if ret is not None:
                     returns[cell.index] = ret
                     del running[job_id]
+                    if gpus:
+                        slots.give(gpus)
                     bar.update(1)
             if running:
                 time.sleep(poll_s)
