@@ -308,22 +308,80 @@ class DenseMergeMethod(Method):
         return resolve_weights(cfg_weights, pool, bool(self.cfg.get("normalize", False)))
 
     def compose(self, ctx: FitContext) -> Iterator[Composed]:
-        kind, fold = self.merge_kind(), bool(self.cfg.get("fold", True))
+        kind = self.merge_kind()
         device = getattr(ctx.model, "device", None)
         with Timer() as timer:
             weights = self.weights(ctx.pool)
             deltas = merge_dense(list(ctx.pool), weights, kind, check_density(self.cfg.get("density", 1.0)),
                                  self.cfg.get("majority_sign_method", "total"), ctx.seed, device=device)
-            adapter = None
-            if not fold:
-                rank = check_rank(self.cfg.get("rank")) or max_rank(list(ctx.pool))
-                adapter = dense_to_lora(deltas, rank, ctx.pool[0], name=self.registry_name)
-                adapter.metadata = {"method": self.registry_name, "kind": kind, "experts": ctx.pool.names,
-                                    "weights": weights, "seed": ctx.seed}
-        report = FitReport(seconds=timer.seconds, info={"kind": kind, "weights": weights, "fold": fold})
-        if fold:
-            with ctx.model.deltas_folded(deltas):
-                yield Composed(ctx.model, report, "", None)
-        else:
-            with ctx.model.adapter_applied(adapter):
-                yield Composed(ctx.model, report, "", adapter)
+        yield from compose_deltas(self, ctx, deltas, timer.seconds, {"kind": kind, "weights": weights})
+
+
+def compose_deltas(method: Method, ctx: FitContext, deltas: dict[str, torch.Tensor], seconds: float,
+                   info: dict) -> Iterator[Composed]:
+    """Yield the model with merged dense deltas: folded into the base weights (``fold: true``), or as a LoRA of
+    ``rank`` (truncated SVD; null = max r_i) applied on top (``fold: false``)."""
+    fold = bool(method.cfg.get("fold", True))
+    adapter = None
+    with Timer() as timer:
+        if not fold:
+            rank = check_rank(method.cfg.get("rank")) or max_rank(list(ctx.pool))
+            adapter = dense_to_lora(deltas, rank, ctx.pool[0], name=method.registry_name)
+            adapter.metadata = {"method": method.registry_name, "experts": ctx.pool.names, "seed": ctx.seed, **info}
+    report = FitReport(seconds=seconds + timer.seconds, info={**info, "fold": fold})
+    if fold:
+        with ctx.model.deltas_folded(deltas):
+            yield Composed(ctx.model, report, "", None)
+    else:
+        with ctx.model.adapter_applied(adapter):
+            yield Composed(ctx.model, report, "", adapter)
+
+
+class ModuleMergeMethod(Method):
+    """A data-free merge computed module by module from the experts' factors (the 2024–26 merges: KnOTS, Core
+    Space, TSV-M, Iso-C/CTS, WUDI, DELLA, Breadcrumbs). A subclass implements `merge_module`; this class gives
+    it each module's factors in float64 on the model's device, experts in name order (pool order never
+    matters, weights follow their experts), and turns the merged ΔW into the output (`compose_deltas`).
+
+    Config keys every such method has: ``weights`` (null: `default_weights`), ``normalize``, ``fold``,
+    ``rank``."""
+
+    domains = ("nlp", "vl")
+    seeded = False  # True when the merge draws random numbers (from a generator seeded per module)
+    default_weights = "ones"  # "ones": w_i = 1 (task arithmetic's sum; λ scales it) | "mean": 1/N
+
+    def uses_seed(self) -> bool:
+        return self.seeded
+
+    def check_config(self) -> None:
+        check_rank(self.cfg.get("rank"))
+
+    def weights(self, pool: ExpertPool) -> list[float]:
+        cfg_weights = self.cfg.get("weights")
+        if cfg_weights is None and self.default_weights == "ones":
+            cfg_weights = [1.0] * len(pool)
+        return resolve_weights(cfg_weights, pool, bool(self.cfg.get("normalize", False)))
+
+    def merge_module(self, A: torch.Tensor, B: torch.Tensor, weights: torch.Tensor,
+                     generator: torch.Generator | None) -> torch.Tensor:
+        """The merged ΔW (d_out, d_in) of one module from ``A (N, r, d_in)`` and ``s·B (N, d_out, r)`` (zero-padded
+        to the largest rank, so ``Δ_i = B_i A_i``) and the weights (N,), all float64."""
+        raise NotImplementedError
+
+    def merge(self, adapters: Sequence[LoraAdapter], weights: Sequence[float], seed: int = 0,
+              device: torch.device | str | None = None) -> dict[str, torch.Tensor]:
+        """Module path -> merged ΔW (float64) for every module."""
+        adapters, weights = by_name(adapters, weights)
+        w = torch.tensor(weights, dtype=torch.float64, device=device)
+        out = {}
+        for module in adapters[0].modules:
+            A, B = stack_factors(adapters, module, torch.float64, device)
+            out[module] = self.merge_module(A, B, w, module_generator(seed, module, device) if self.seeded else None)
+        return out
+
+    def compose(self, ctx: FitContext) -> Iterator[Composed]:
+        device = getattr(ctx.model, "device", None)
+        with Timer() as timer:
+            weights = self.weights(ctx.pool)
+            deltas = self.merge(list(ctx.pool), weights, ctx.seed, device)
+        yield from compose_deltas(self, ctx, deltas, timer.seconds, {"weights": weights})
