@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import bench.models.loading as models
@@ -10,24 +10,26 @@ from tests.conftest import model_cfg
 
 
 def test_jobs_that_start_together_build_one_complete_model_folder(tmp_path, monkeypatch):
-    """A sweep's first wave materializes the model in several processes at once: each must end with the
-    complete folder and no temporary folder may be left behind (they once shared one and crashed)."""
+    """A sweep's first wave materializes the model in several workers at once: one builds (under the folder's
+    lock), the others wait and reuse its folder; no temporary folder is left behind (they once shared one and
+    crashed, then each built its own copy)."""
     build = models._build_tiny
     build(model_cfg("tiny_llama"), tmp_path / "warm-up")  # transformers' lazy imports are not thread-safe
-    all_built = threading.Barrier(3)
+    builds = []
 
-    def build_then_wait(cfg, out):
+    def slow_build(cfg, out):
+        builds.append(out)
+        time.sleep(1.0)  # the others arrive while this one builds
         build(cfg, out)
-        all_built.wait(timeout=60)  # every job has its copy before any moves it into place
 
-    monkeypatch.setattr(models, "_build_tiny", build_then_wait)
+    monkeypatch.setattr(models, "_build_tiny", slow_build)
     with ThreadPoolExecutor(3) as pool:
         folders = list(pool.map(lambda _: models.materialize(model_cfg("tiny_llama"), tmp_path), range(3)))
 
     target = tmp_path / "models" / "tiny_llama"
-    assert folders == [target] * 3
+    assert folders == [target] * 3 and len(builds) == 1
     assert (target / "config.json").is_file() and (target / "model.safetensors").is_file()
-    assert [p.name for p in (tmp_path / "models").iterdir()] == ["tiny_llama"]  # no temporary folder left
+    assert sorted(p.name for p in (tmp_path / "models").iterdir()) == [".tiny_llama.lock", "tiny_llama"]
 
 
 def test_tokenizer_eos_follows_the_model_config(tmp_path):

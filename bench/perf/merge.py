@@ -20,6 +20,10 @@ dtype (bf16 on a GPU, fp32 on CPU; `--dtype`). Operations, each over the whole s
   float64). Time only, and only for N ≤ 8 (224 small float64 SVDs of size N·r are latency-bound on a GPU
   and would dominate the run's time budget at N = 32).
 
+- ``knots``, ``core_space``, ``tsv``, ``iso_c``, ``iso_cts``, ``wudi``, ``della``, ``breadcrumbs``: the 2024–26
+  data-free merges with their YAML defaults, per module from the factors in float64 (`ModuleMergeMethod.merge_one`,
+  the code the methods run) and ``W += ΔW``. Time only (N = 32: one timed call).
+
 Dense merges run ``fused`` where Triton runs (`merge_stacked`'s default: everything after the threshold /
 the Bernoulli draws as one Triton kernel, `methods.ops.triton_merge.merge_tail`), checked against the eager
 ops on one module of each shape first (the error lands in the metadata); at N = 8 the eager ops are timed
@@ -47,14 +51,16 @@ from bench.lora.adapters import LoraAdapter, LoraModule
 from bench.perf.common import copy_bandwidth, pick_device, time_fn, write_results
 from methods.linear import concat_merge
 from methods.ops import triton_merge
-from methods.ops.merge_ops import (dare_masks, expert_deltas, fold_loras_, merge_module, merge_stacked, module_generator,
+from methods.ops.merge_ops import (by_name, dare_masks, expert_deltas, fold_loras_, merge_module, merge_stacked, module_generator,
                                stack_factors, topk_kth_largest, trim_thresholds)
 from methods.svd import svd_merge
 
 FULL = dict(layers=32, d=4096, ffn=11008, n=[2, 8, 32])
 QUICK = dict(layers=2, d=256, ffn=688, n=[2, 8])
 DENSE_OPS = {"ties": 0.2, "dare_linear": 0.5, "dare_ties": 0.5, "magnitude_prune": 0.2}  # kind: density
-OPS = ["fold_linear", "cat", *DENSE_OPS, "svd"]
+# the 2024–26 data-free merges (methods.ops.merge_ops.ModuleMergeMethod), with their YAML defaults
+MODULE_MERGES = ("knots", "core_space", "tsv", "iso_c", "iso_cts", "wudi", "della", "breadcrumbs")
+OPS = ["fold_linear", "cat", *DENSE_OPS, "svd", *MODULE_MERGES]
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp64": torch.float64}
 FOLD_GOAL, MERGE_GOAL_S, MERGE_GOAL_N = 0.60, 0.5, 8
 SVD_MAX_N = 8
@@ -110,11 +116,28 @@ def operation(op: str, pool: list[LoraAdapter], weights: dict[str, torch.Tensor]
     elif op == "svd":
         def run() -> None:
             svd_merge(pool, [1.0 / n] * n, rank)
+    elif op in MODULE_MERGES:
+        method = module_merge_method(op)
+        ordered, w = by_name(pool, [1.0] * n if method.default_weights == "ones" else [1.0 / n] * n)
+
+        def run() -> None:
+            for name, W in weights.items():
+                W.add_(method.merge_one(ordered, w, name, 0, W.device).to(W.dtype))
     else:
         def run() -> None:
             for name, W in weights.items():
                 W.add_(dense_merge(op, pool, name, W, fused))
     return run
+
+
+def module_merge_method(name: str):
+    """The registered merge `name` built from its YAML defaults (conf/method/<name>.yaml)."""
+    from omegaconf import OmegaConf
+
+    from bench.config import CONF_DIR
+    from bench.registry import get_method
+
+    return get_method(name)(OmegaConf.load(CONF_DIR / "method" / f"{name}.yaml"))
 
 
 def dense_merge(op: str, pool: list[LoraAdapter], module: str, W: torch.Tensor, fused: bool) -> torch.Tensor:
@@ -287,8 +310,10 @@ def main(argv: list[str] | None = None) -> None:
                 impls = [True, False] if n == MERGE_GOAL_N else [True]
             for impl in impls:
                 slow = op not in ("fold_linear", "cat")
-                t = time_fn(operation(op, pool, weights, args.rank, impl), device,
-                            warmup=1 if slow else 3, repeat=(2 if n >= 32 else 5) if slow else 10)
+                warmup, repeat = (1, (2 if n >= 32 else 5)) if slow else (3, 10)
+                if op in MODULE_MERGES:  # float64 work over the whole stack: seconds to a minute a call
+                    warmup, repeat = (0, 1) if n >= 32 else (1, 2)
+                t = time_fn(operation(op, pool, weights, args.rank, impl), device, warmup=warmup, repeat=repeat)
                 nbytes = counted_bytes(op, pool, weights)
                 gbps = nbytes / t["median_s"] / 1e9 if nbytes else None
                 ratio = gbps * 1e9 / copy_bps if gbps else None

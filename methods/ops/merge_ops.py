@@ -372,12 +372,14 @@ class ModuleMergeMethod(Method):
               device: torch.device | str | None = None) -> dict[str, torch.Tensor]:
         """Module path -> merged ΔW (float64) for every module."""
         adapters, weights = by_name(adapters, weights)
-        w = torch.tensor(weights, dtype=torch.float64, device=device)
-        out = {}
-        for module in adapters[0].modules:
-            A, B = stack_factors(adapters, module, torch.float64, device)
-            out[module] = self.merge_module(A, B, w, module_generator(seed, module, device) if self.seeded else None)
-        return out
+        return {module: self.merge_one(adapters, weights, module, seed, device) for module in adapters[0].modules}
+
+    def merge_one(self, adapters: Sequence[LoraAdapter], weights: Sequence[float], module: str, seed: int = 0,
+                  device: torch.device | str | None = None) -> torch.Tensor:
+        """One module's merged ΔW (float64), experts taken in the order given (`merge` sorts them first)."""
+        A, B = stack_factors(adapters, module, torch.float64, device)
+        w = torch.tensor(list(weights), dtype=torch.float64, device=A.device)
+        return self.merge_module(A, B, w, module_generator(seed, module, device) if self.seeded else None)
 
     def compose(self, ctx: FitContext) -> Iterator[Composed]:
         device = getattr(ctx.model, "device", None)
