@@ -75,7 +75,10 @@ def test_yaml_composes_and_instantiates(rel):
 @pytest.mark.parametrize("method,seeded", [("base", False), ("single", False), ("linear", False), ("ties", False),
                                            ("magnitude_prune", False), ("svd", False), ("dare", True),
                                            ("lorahub", True), ("mole", True), ("oracle", True), ("lora_lego", True),
-                                           ("lora_switch", False), ("lora_composite", False)])
+                                           ("lora_switch", False), ("lora_composite", False),
+                                           ("knots", False), ("core_space", False), ("tsv", False), ("iso_c", False),
+                                           ("iso_cts", False), ("wudi", False), ("della", True),
+                                           ("breadcrumbs", False)])
 def test_a_job_no_seed_can_change_has_one_key_for_every_seed(method, seeded):
     from bench.run.runner import identity
 

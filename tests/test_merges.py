@@ -33,6 +33,10 @@ from methods.ops.merge_ops import (
 CONF = Path(__file__).resolve().parents[1] / "conf" / "method"
 KINDS = ["ties", "dare_linear", "dare_ties", "magnitude_prune"]
 MERGE_METHODS = ["linear", "ties", "dare", "magnitude_prune", "svd", "lora_lego"]
+# the 2024–26 data-free merges (methods.ops.merge_ops.ModuleMergeMethod): their own tests check them against
+# their papers; here, what every merge must do
+DATA_FREE = ["knots", "core_space", "tsv", "iso_c", "iso_cts", "wudi", "della", "breadcrumbs"]
+EXACT = {"wudi": {"dtype": "float64"}}  # methods that compute in float32 by default, switched to float64 here
 
 
 def close(actual: torch.Tensor, expected: torch.Tensor, rtol: float = 1e-12) -> None:
@@ -289,11 +293,12 @@ UNET_SHAPES = {
 }
 
 
-@pytest.mark.parametrize("name", MERGE_METHODS)
+@pytest.mark.parametrize("name", MERGE_METHODS + DATA_FREE)
 def test_every_merge_works_on_unet_adapters(name, tmp_path):
     experts = [adapter(f"subject{i}", UNET_SHAPES, rank=4, seed=i, base="sd-tiny") for i in range(3)]
     fake = FakePipeline()
-    method = make_method(name, **({"fold": False} if name in ("ties", "dare", "magnitude_prune") else {}))
+    folding = name in ("ties", "dare", "magnitude_prune") or name in DATA_FREE
+    method = make_method(name, **({"fold": False} if folding else {}))
     (composed,) = list(method.compose(context(fake, experts)))
     kind, applied = fake.applied[0]
     assert kind == "adapter" and composed.adapter is applied
@@ -312,11 +317,11 @@ def composed_deltas(name: str, experts: list[LoraAdapter], **overrides) -> dict[
     return what if kind == "deltas" else dense_deltas(what, torch.float64)
 
 
-@pytest.mark.parametrize("name", MERGE_METHODS)
+@pytest.mark.parametrize("name", MERGE_METHODS + DATA_FREE)
 def test_permuting_the_pool_changes_nothing(name):
     experts = pool(4)
-    first = composed_deltas(name, experts)
-    permuted = composed_deltas(name, [experts[i] for i in (2, 0, 3, 1)])
+    first = composed_deltas(name, experts, **EXACT.get(name, {}))
+    permuted = composed_deltas(name, [experts[i] for i in (2, 0, 3, 1)], **EXACT.get(name, {}))
     for module in first:
         close(permuted[module], first[module], rtol=1e-10)
 
@@ -331,7 +336,7 @@ def shuffle_ranks(a: LoraAdapter, seed: int) -> LoraAdapter:
     return LoraAdapter(a.name, a.base_model, modules, task_type=a.task_type)
 
 
-@pytest.mark.parametrize("name", MERGE_METHODS)
+@pytest.mark.parametrize("name", MERGE_METHODS + DATA_FREE)
 def test_permutations_a_name_sort_cannot_undo_change_nothing(name):
     """Weights that follow their expert through a pool permutation, and ranks permuted inside every LoRA (the
     sort by expert name undoes neither): the merged ΔW is unchanged."""
@@ -339,8 +344,8 @@ def test_permutations_a_name_sort_cannot_undo_change_nothing(name):
     order = (2, 0, 3, 1)
     weights = [0.7, -0.2, 1.1, 0.4]
     with_weights = "weights" in method_cfg(name)
-    first = composed_deltas(name, experts, **({"weights": weights} if with_weights else {}))
-    permuted = composed_deltas(name, [shuffle_ranks(experts[i], seed=i) for i in order],
+    first = composed_deltas(name, experts, **EXACT.get(name, {}), **({"weights": weights} if with_weights else {}))
+    permuted = composed_deltas(name, [shuffle_ranks(experts[i], seed=i) for i in order], **EXACT.get(name, {}),
                                **({"weights": [weights[i] for i in order]} if with_weights else {}))
     for module in first:
         close(permuted[module], first[module], rtol=1e-10)
