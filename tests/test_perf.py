@@ -30,7 +30,8 @@ def test_merge_benchmark_and_its_stage_profile(perf_dir):
     small = ["--device", "cpu", "--n", "2", "--layers", "1", "--d", "32", "--ffn", "48", "--rank", "4"]
     main(["merge", *small, "--fused", "off"])
     rows = result(perf_dir, "merge")["rows"]
-    assert {r["op"] for r in rows} == {"fold_linear", "cat", "ties", "dare_linear", "dare_ties", "magnitude_prune", "svd"}
+    assert {r["op"] for r in rows} == {"fold_linear", "cat", "ties", "dare_linear", "dare_ties", "magnitude_prune", "svd",
+                                       "knots", "core_space", "tsv", "iso_c", "iso_cts", "wudi", "della", "breadcrumbs"}
     assert all(r["median_s"] > 0 and r["result"] in ("", "n/a (CPU)") for r in rows)
     main(["merge", *small, "--stages"])
     assert len(result(perf_dir, "merge_stages")["rows"]) >= 8
