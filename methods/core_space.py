@@ -31,8 +31,8 @@ import torch
 
 from bench.errors import ConfigError
 from bench.registry import register_method
-from methods.knots import check_alpha, check_merger, nonzero, ties_merge
 from methods.ops.merge_ops import ModuleMergeMethod, check_density, weighted_sum
+from methods.ops.spectral import check_alpha, check_merger, nonzero, polar, ties_merge
 
 MERGERS = ("ties", "linear", "tsv")
 
@@ -52,12 +52,6 @@ def core_factors(A: torch.Tensor, B: torch.Tensor) -> tuple[torch.Tensor, torch.
     U_B = column_basis(B.permute(1, 0, 2).reshape(d_out, n * r))
     V_A = column_basis(A.permute(2, 0, 1).reshape(A.shape[2], n * r))
     return U_B, U_B.mT @ B, A @ V_A, V_A
-
-
-def polar(X: torch.Tensor) -> torch.Tensor:
-    """The closest matrix to X with orthonormal columns (rows, if X is wide): ``P Qᵀ`` from ``X = P Σ Qᵀ``."""
-    p, _, qh = torch.linalg.svd(X, full_matrices=False)
-    return p @ qh
 
 
 def tsv_merge(P: torch.Tensor, Q: torch.Tensor) -> torch.Tensor:

@@ -29,7 +29,7 @@ import torch
 from bench.errors import ConfigError
 from bench.registry import register_method
 from methods.ops.merge_ops import ModuleMergeMethod
-from methods.tsv import check_alpha, leading, lowrank_svd, polar, rank_tolerance
+from methods.ops.spectral import check_alpha, leading, lowrank_svd, polar, rank_tolerance
 
 
 def task_arithmetic_svd(A: torch.Tensor, B: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

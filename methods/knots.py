@@ -20,39 +20,13 @@ formed. `ties_merge` and `nonzero` are shared with `methods.core_space`.
 
 from __future__ import annotations
 
-import math
-
 import torch
 
-from bench.errors import ConfigError
 from bench.registry import register_method
-from methods.ops.merge_ops import ModuleMergeMethod, check_density, disjoint_merge_, weighted_sum
+from methods.ops.merge_ops import ModuleMergeMethod, check_density, weighted_sum
+from methods.ops.spectral import check_alpha, check_merger, nonzero, ties_merge
 
 MERGERS = ("ties", "linear")
-
-
-def nonzero(s: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
-    """Mask of the descending singular values ``s (…, k)`` of a matrix of `shape` above ``σ_max · max(shape) · ε``
-    (`torch.linalg.matrix_rank`'s rule): the directions the matrix has, not its arbitrary null space."""
-    return s > s[..., :1] * (max(shape) * torch.finfo(s.dtype).eps)
-
-
-def ties_merge(stacked: torch.Tensor, weights: torch.Tensor, density: float) -> torch.Tensor:
-    """TIES as the official KnOTS and Core Space code (`topk_values_mask`, `resolve_sign` by the sum of values,
-    `disjoint_merge` 'mean') on ``stacked (N, …)``: per expert keep ``|x| ≥`` the ``(⌊density·numel⌋ + 1)``-th
-    largest magnitude (its ``kthvalue``, one entry more than peft's top-k; all at density 1), then
-    `disjoint_merge_`: the weighted sum of the entries whose sign is that of the trimmed sum, over their count
-    (an exactly zero sum elects +, the official code the majority sign: only exact cancellations differ).
-    Consumes `stacked`."""
-    n, shape = stacked.shape[0], stacked.shape[1:]
-    rows = stacked.reshape(n, -1)
-    if density < 1.0:
-        magnitudes = rows.abs()
-        d = rows.shape[1]
-        tau = magnitudes.kthvalue(d - int(d * density), dim=1, keepdim=True).values
-        rows.mul_(magnitudes >= tau)
-        del magnitudes
-    return disjoint_merge_(rows, weights, "total").view(shape)
 
 
 def knots_representations(A: torch.Tensor, B: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -68,24 +42,6 @@ def knots_representations(A: torch.Tensor, B: torch.Tensor) -> tuple[torch.Tenso
     u, s, vh = u[:, keep], s[keep], vh[keep]
     reps = (s[:, None] * vh).view(-1, n, p).transpose(0, 1) @ q_a.mT  # Σ V_iᵀ = Σ (V_core)_iᵀ Q_iᵀ
     return q_b @ u, reps
-
-
-def check_alpha(value) -> float:
-    """`method.alpha` as a positive finite float, or a ConfigError naming it."""
-    try:
-        alpha = float(value)
-    except (TypeError, ValueError):
-        raise ConfigError(f"method.alpha={value!r}: must be a positive number") from None
-    if isinstance(value, bool) or not (math.isfinite(alpha) and alpha > 0):
-        raise ConfigError(f"method.alpha={value!r}: must be a positive number")
-    return alpha
-
-
-def check_merger(value, mergers: tuple[str, ...]) -> str:
-    """`method.merger` if it is one of `mergers`, else a ConfigError naming it."""
-    if value not in mergers:
-        raise ConfigError(f"method.merger={value!r}: must be one of {list(mergers)}")
-    return value
 
 
 @register_method("knots")

@@ -20,54 +20,11 @@ small core ``R_B R_Aᵀ`` (`lowrank_svd`). The helpers here are shared with `met
 
 from __future__ import annotations
 
-import math
-
 import torch
 
-from bench.errors import ConfigError
 from bench.registry import register_method
 from methods.ops.merge_ops import ModuleMergeMethod
-
-
-def lowrank_svd(A: torch.Tensor, B: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Thin SVD ``U diag(S) Vh`` of each ``B_i A_i`` from ``A (N, r, d_in)`` and ``B (N, d_out, r)``: QR of
-    ``B_i`` and ``A_iᵀ`` and an SVD of the ``r × r`` core, never the dense product. Singular values descending."""
-    qb, rb = torch.linalg.qr(B)
-    qa, ra = torch.linalg.qr(A.mT)
-    u, s, vh = torch.linalg.svd(rb @ ra.mT)
-    return qb @ u, s, vh @ qa.mT
-
-
-def rank_tolerance(A: torch.Tensor, B: torch.Tensor) -> float:
-    """The singular value below which a direction counts as zero in this module: ``max(d_out, d_in) · ε ·
-    Σ_i ‖B_i‖_F ‖A_i‖_F`` (float64 ε), ε times an upper bound on the norm of every matrix a merge decomposes
-    (each ``B_i A_i``, their sum, their projections), as `torch.linalg.matrix_rank` scales its default."""
-    norms = torch.linalg.matrix_norm(B) * torch.linalg.matrix_norm(A)
-    return max(B.shape[1], A.shape[2]) * torch.finfo(torch.float64).eps * norms.sum().item()
-
-
-def leading(S: torch.Tensor, tol: float, k: int) -> torch.Tensor:
-    """Mask of each row's top ``min(k, rank)`` singular values in descending ``S (N, r)``, rank counting those
-    above `tol`."""
-    rank = (S > tol).sum(-1, keepdim=True)
-    return torch.arange(S.shape[-1], device=S.device) < rank.clamp(max=k)
-
-
-def polar(M: torch.Tensor) -> torch.Tensor:
-    """The closest matrix to M with orthonormal columns (rows, if M is wide): ``P Qᵀ`` from ``M = P Σ Qᵀ``."""
-    p, _, qh = torch.linalg.svd(M, full_matrices=False)
-    return p @ qh
-
-
-def check_alpha(value) -> float:
-    """`method.alpha` as a positive finite float, or a ConfigError naming it."""
-    try:
-        alpha = float(value)
-    except (TypeError, ValueError):
-        raise ConfigError(f"method.alpha={value!r}: must be a positive number") from None
-    if isinstance(value, bool) or not (math.isfinite(alpha) and alpha > 0):
-        raise ConfigError(f"method.alpha={value!r}: must be a positive number")
-    return alpha
+from methods.ops.spectral import check_alpha, leading, lowrank_svd, polar, rank_tolerance
 
 
 @register_method("tsv")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -99,3 +100,23 @@ def peft_holding(model: torch.nn.Module, adapters: list[LoraAdapter], b_weights:
         result = set_peft_model_state_dict(peft_model, state, adapter_name=adapter.name)
         assert not [k for k in result.unexpected_keys if "lora_" in k]
     return peft_model
+
+
+class RecordingModel:
+    """A stand-in for a model (LM or UNet pipeline) with only the two context managers a static merge needs; it
+    records what it was given: ``("adapter", adapter)`` or ``("deltas", {module: ΔW})``."""
+
+    device = torch.device("cpu")
+
+    def __init__(self) -> None:
+        self.applied: list = []
+
+    @contextlib.contextmanager
+    def adapter_applied(self, adapter):
+        self.applied.append(("adapter", adapter))
+        yield self
+
+    @contextlib.contextmanager
+    def deltas_folded(self, deltas):
+        self.applied.append(("deltas", deltas))
+        yield self

@@ -9,7 +9,6 @@ cut and the method's numerical-rank cut keep the same components. Tolerances: 1e
 
 from __future__ import annotations
 
-import contextlib
 
 import pytest
 import torch
@@ -21,6 +20,7 @@ from bench.lora.pool import ExpertPool
 from bench.registry import get_method
 from conftest import CONF, random_adapter
 from methods.base import FitContext
+from conftest import RecordingModel as FakeModel
 
 MODEL = torch.nn.ModuleDict({"q_proj": torch.nn.Linear(20, 24), "v_proj": torch.nn.Linear(10, 12)})  # Σr > d on v
 
@@ -153,23 +153,6 @@ def test_bad_config_is_a_clear_error(field, value):
         make(**{field: value})
 
 
-class FakeModel:
-    """The two context managers a static method needs."""
-
-    device = torch.device("cpu")
-
-    def __init__(self) -> None:
-        self.applied: list = []
-
-    @contextlib.contextmanager
-    def adapter_applied(self, adapter):
-        self.applied.append(("adapter", adapter))
-        yield self
-
-    @contextlib.contextmanager
-    def deltas_folded(self, deltas):
-        self.applied.append(("deltas", deltas))
-        yield self
 
 
 @pytest.mark.parametrize("fold", [True, False])

@@ -11,7 +11,6 @@ svd) and SVD re-factorizations agree to 1e-10.
 
 from __future__ import annotations
 
-import contextlib
 from pathlib import Path
 
 import pytest
@@ -29,6 +28,7 @@ from methods.linear import concat_merge, dense_deltas
 from methods.ops.merge_ops import (
     dare_masks, dense_to_lora, fold_lora_, fold_loras_, merge_dense, merge_stacked, module_seed, stack_factors,
 )
+from conftest import RecordingModel as FakePipeline
 
 CONF = Path(__file__).resolve().parents[1] / "conf" / "method"
 KINDS = ["ties", "dare_linear", "dare_ties", "magnitude_prune"]
@@ -267,23 +267,6 @@ def test_bad_config_is_a_clear_error(name, field, value):
         make_method(name, **{field: value})
 
 
-class FakePipeline:
-    """A V&L stand-in: only the two context managers a static method needs (what a UNet pipeline offers)."""
-
-    device = torch.device("cpu")
-
-    def __init__(self) -> None:
-        self.applied: list = []
-
-    @contextlib.contextmanager
-    def adapter_applied(self, adapter):
-        self.applied.append(("adapter", adapter))
-        yield self
-
-    @contextlib.contextmanager
-    def deltas_folded(self, deltas):
-        self.applied.append(("deltas", deltas))
-        yield self
 
 
 UNET_SHAPES = {

@@ -8,7 +8,6 @@ factors, SVD of the small core), so they agree to rounding: atol 1e-10 × the la
 
 from __future__ import annotations
 
-import contextlib
 
 import pytest
 import torch
@@ -21,7 +20,8 @@ from bench.registry import get_method
 from conftest import CONF, random_adapter
 from methods.base import FitContext
 from methods.linear import dense_deltas
-from methods.tsv import lowrank_svd, polar
+from methods.ops.spectral import lowrank_svd, polar
+from conftest import RecordingModel as FakeModel
 
 TARGETS = ("q_proj", "v_proj", "o_proj")
 
@@ -74,23 +74,6 @@ def merged(name: str, experts: list[LoraAdapter], weights=None, **overrides) -> 
     return make(name, **overrides).merge(experts, weights or [1.0] * len(experts))
 
 
-class FakeModel:
-    """The two context managers a static merge needs; records what it was given."""
-
-    device = torch.device("cpu")
-
-    def __init__(self) -> None:
-        self.applied: list = []
-
-    @contextlib.contextmanager
-    def adapter_applied(self, adapter):
-        self.applied.append(("adapter", adapter))
-        yield self
-
-    @contextlib.contextmanager
-    def deltas_folded(self, deltas):
-        self.applied.append(("deltas", deltas))
-        yield self
 
 
 def composed(name: str, experts: list[LoraAdapter], **overrides):
