@@ -11,7 +11,13 @@ T tokens (T = 16 is a decode step's worth of tokens, T ≥ 512 a prefill). Infer
   in-place B_cat ``addmm_`` (two GEMMs in all; needs a copy of W next to A_cat, so it is a serving layout);
 - ``naive``: the first stacked formulation (gate expanded with ``repeat_interleave``, separate delta tensor,
   out-of-place add), kept to show what the rewrite bought;
-- ``loop``: the per-expert reference: ``y += g_i ⊙ (x A_iᵀ) B_iᵀ`` for each expert in a Python loop.
+- ``loop``: the per-expert reference: ``y += g_i ⊙ (x A_iᵀ) B_iᵀ`` for each expert in a Python loop;
+- ``arrow``: Arrow's routed layer as the model runs it (`methods.arrow.routed_forward`: the stacked layer plus an
+  N × d score GEMM against the prototypes, top-k (k = min(3, N), peft's default) and softmax per token);
+  ``arrow_fused``: the prototypes appended to ``[W; A_cat]`` so the scores come out of the same GEMM
+  (`fused_routed_forward`, a serving layout); their ratio to ``stacked`` is the routing cost per token;
+- ``cat``: CAT's composed LoRA of rank N·r left unmerged, ``W x + B'(A' x)`` (`methods.cat.cat_lora_forward`;
+  folded into W it costs exactly ``base``).
 
 Two clocks (see the device tool's METHOD.md): ``*_us`` is the eager wall time of one call between CUDA
 events (host launch overhead included: what an eager decode step pays), ``*_gpu_us`` the device time per call
@@ -34,6 +40,8 @@ from torch.nn import functional as F
 from bench.lora.adapters import LoraModule
 from bench.lora.stacked import StackedLoraLinear, fused_forward
 from bench.perf import common
+from methods.arrow import fused_routed_forward, fused_routed_weight, routed_forward, top_right_singular_vectors
+from methods.cat import cat_lora_forward
 
 OVERHEAD_GOAL = 1.15
 DECODE_SPEEDUP_GOAL = 5.0
@@ -91,12 +99,18 @@ def run(d: int, rank: int, experts: list[int], tokens: list[int], device: torch.
             layer.gates = gates
             w_cat = layer.fused_weight()
             W = layer.base.weight
+            prototypes = top_right_singular_vectors(layer.A, layer.B).to(device, dtype)
+            w_route, top_k = fused_routed_weight(layer, prototypes), min(3, n)
+            cat_lora = LoraModule(layer.A_cat, layer.B_cat / n, 1.0)  # CAT at uniform weights: rank N·r
             fns = {
                 "base": lambda: F.linear(x, W),
                 "stacked": lambda: layer(x),
                 "fused": lambda: fused_forward(x, w_cat, layer.B_cat, gates, n, rank),
                 "naive": lambda: naive_forward(layer, x, gates),
                 "loop": lambda: loop_forward(W, As, Bs, x, gates),
+                "arrow": lambda: routed_forward(layer, x, prototypes, top_k, 1.0),
+                "arrow_fused": lambda: fused_routed_forward(x, w_route, layer.B_cat, n, rank, top_k, 1.0),
+                "cat": lambda: cat_lora_forward(x, W, cat_lora),
             }
             with torch.inference_mode():
                 err = check(layer, x, gates, As, Bs)
@@ -110,12 +124,14 @@ def run(d: int, rank: int, experts: list[int], tokens: list[int], device: torch.
             row.update({f"{k}_min_us": 1e6 * times[k]["min_s"] for k in ("base", "stacked", "fused")})
             row.update({f"{k}_gpu_us": 1e6 * v for k, v in device_times.items()})
             row["base_floor_us"] = 1e6 * base_bytes / bandwidth
-            for k in ("stacked", "fused", "naive", "loop"):
+            for k in ("stacked", "fused", "naive", "loop", "arrow", "arrow_fused", "cat"):
                 row[f"{k}_x_base"] = med[k] / med["base"]
                 if device_times:
                     row[f"{k}_gpu_x_base"] = device_times[k] / device_times["base"]
             row["loop_over_stacked"] = med["loop"] / med["stacked"]
             row["loop_over_fused"] = med["loop"] / med["fused"]
+            row["arrow_over_stacked"] = med["arrow"] / med["stacked"]
+            row["routing_us_per_token"] = 1e6 * (med["arrow"] - med["stacked"]) / t
             if t >= 512 and n * rank <= 128:
                 clock = "_gpu" if device_times else ""
                 row["overhead_goal"] = ("pass" if row[f"stacked{clock}_x_base"] <= OVERHEAD_GOAL else "FAIL") + \
@@ -131,7 +147,7 @@ def run(d: int, rank: int, experts: list[int], tokens: list[int], device: torch.
             print(f"N={n:3d} T={t:5d}  base {row['base_us']:9.1f} µs  stacked ×{row['stacked_x_base']:.3f}  "
                   f"fused ×{row['fused_x_base']:.3f}  naive ×{row['naive_x_base']:.3f}  loop ×{row['loop_x_base']:.3f}  "
                   f"loop/stacked {row['loop_over_stacked']:.2f}", flush=True)
-            del layer, x, gates, As, Bs, w_cat, fns
+            del layer, x, gates, As, Bs, w_cat, fns, prototypes, w_route, cat_lora
     return rows
 
 
