@@ -143,7 +143,7 @@ def test_a_cancelled_job_is_noted_the_sweep_finishes_and_a_rerun_resumes_it(tmp_
     """Followed through squeue only (a cluster without accounting): one of two jobs is scancelled mid-run; the
     driver notes it, prints the summary and exits 1; the re-run submits only that cell; no record twice."""
     runs = tmp_path / "runs"
-    cells = ("method=mole", "method.steps=400", "seed=0,1")
+    cells = ("method=mole", "method.steps=150", "seed=0,1")
     proc = start(runs, "cancel", *cells, "hydra.launcher.accounting=false")
     deadline = time.time() + 300
     while not any(j.endswith("|RUNNING") for j in slurm_jobs("mole-algorithmic-s1")):
