@@ -96,7 +96,7 @@ def test_interrupted_sweep_resumes_without_duplicates(tmp_path):
 
 NLP_METHODS = ["base", "single", "oracle", "linear", "ties", "dare", "magnitude_prune", "svd", "lora_lego", "lorahub",
                "mole", "lora_flow", "moa", "retriever", "lora_switch", "lora_composite",
-               "knots", "core_space", "tsv", "iso_c", "iso_cts", "wudi", "della", "breadcrumbs"]
+               "knots", "core_space", "tsv", "iso_c", "iso_cts", "wudi", "della", "breadcrumbs", "cat", "arrow"]
 
 
 def test_every_nlp_method_end_to_end_into_the_leaderboard(tmp_path):

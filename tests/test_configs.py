@@ -78,7 +78,7 @@ def test_yaml_composes_and_instantiates(rel):
                                            ("lora_switch", False), ("lora_composite", False),
                                            ("knots", False), ("core_space", False), ("tsv", False), ("iso_c", False),
                                            ("iso_cts", False), ("wudi", False), ("della", True),
-                                           ("breadcrumbs", False)])
+                                           ("breadcrumbs", False), ("cat", True), ("arrow", False)])
 def test_a_job_no_seed_can_change_has_one_key_for_every_seed(method, seeded):
     from bench.run.runner import identity
 
