@@ -49,13 +49,11 @@ import contextlib
 import functools
 import hashlib
 import math
-import time
 from typing import Callable, Iterator, Sequence
 
 import torch
 from torch import nn
 from torch.nn import functional as F
-from tqdm.auto import tqdm
 
 from bench.errors import ConfigError
 from bench.lora.adapters import LoraAdapter, LoraModule
@@ -64,10 +62,8 @@ from bench.lora.stacked import StackedLoraLinear, stacked_experts
 from bench.registry import register_method
 from methods.base import Composed, FitContext, FitReport, Method, Timer
 from methods.linear import concat_merge
-from methods.ops.gates import TrainConfig, TrainResult, batches, info_common, lr_factor
+from methods.ops.gates import TrainConfig, info_common, train_gates
 from tasks.base import Example
-
-SCHEDULES = ("linear", "constant", "cosine")
 
 
 # ----------------------------------------------------------------------------------------- the weights
@@ -170,67 +166,12 @@ def cat_merge(adapters: Sequence[LoraAdapter], weights: dict[str, Sequence[float
 
 
 # ----------------------------------------------------------------------------------------- training
-def hf_linear_factor(step: int, total: int, warmup: int) -> float:
-    """transformers' ``get_linear_schedule_with_warmup`` at 0-based optimizer step `step`: ``step / warmup``
-    during the warm-up, then linear decay from 1 to 0 at `total`."""
-    if step < warmup:
-        return step / max(1, warmup)
-    return max(0.0, (total - step) / max(1, total - warmup))
-
-
-def schedule_factor(step: int, total: int, schedule: str, warmup_ratio: float) -> float:
-    """The lr multiplier: `hf_linear_factor` with HF's ``ceil(ratio · total)`` warm-up steps for ``linear``,
-    the gated methods' `lr_factor` for ``constant`` / ``cosine``."""
-    if schedule == "linear":
-        return hf_linear_factor(step, total, math.ceil(total * warmup_ratio))
-    return lr_factor(step, total, schedule, warmup_ratio)
-
-
-def train_weights(params: list[nn.Parameter], examples: Sequence[Example],
-                  objective: Callable[[list[Example]], torch.Tensor], tc: TrainConfig, schedule: str, seed: int,
-                  desc: str = "fit cat") -> TrainResult:
-    """`methods.ops.gates.train_gates` with the HF linear schedule available: AdamW over `params` on the seeded
-    batches of `methods.ops.gates.batches`, gradient clipping, lr ``tc.lr · schedule_factor``."""
-    n_steps = tc.total_steps(len(examples))
-    plan = batches(list(examples), tc.batch_size, n_steps, seed)
-    history: list[float] = []
-    start = time.perf_counter()
-    if params and plan:
-        opt = torch.optim.AdamW(params, lr=tc.lr, betas=tc.betas, eps=tc.eps, weight_decay=tc.weight_decay)
-        bar = tqdm(plan, desc=desc, leave=False, unit="step")
-        for step, batch in enumerate(bar):
-            for group in opt.param_groups:
-                group["lr"] = tc.lr * schedule_factor(step, len(plan), schedule, tc.warmup_ratio)
-            opt.zero_grad(set_to_none=True)
-            loss = objective(batch)
-            loss.backward()
-            if tc.clip_grad is not None:
-                torch.nn.utils.clip_grad_norm_(params, tc.clip_grad)
-            opt.step()
-            history.append(float(loss.detach()))
-            bar.set_postfix(loss=f"{history[-1]:.4f}", refresh=False)
-    return TrainResult(steps=len(history), seconds=time.perf_counter() - start, history=history)
-
-
-class _Overlay:
-    """`cfg` with some keys replaced, for `TrainConfig.from_cfg` (which knows constant/cosine only)."""
-
-    def __init__(self, cfg, **over) -> None:
-        self.cfg, self.over = cfg, over
-
-    def get(self, key, default=None):
-        return self.over[key] if key in self.over else self.cfg.get(key, default)
-
-
 @register_method("cat")
 class Cat(Method):
     domains = ("nlp",)
 
     def check_config(self) -> None:
         cfg = self.cfg
-        schedule = cfg.get("schedule", "linear")
-        if schedule not in SCHEDULES:
-            raise ConfigError(f"method.schedule={schedule!r}; choose one of {list(SCHEDULES)}")
         if cfg.get("lr") is None or cfg.get("batch_size") is None:
             raise ConfigError(f"method.{'lr' if cfg.get('lr') is None else 'batch_size'} must be set")
         init = cfg.get("init", "randn")
@@ -245,9 +186,7 @@ class Cat(Method):
                 raise ConfigError(f"method.init={init}: a non-empty list (or mapping) of numbers, one per expert")
         if not isinstance(cfg.get("softmax", True), bool):
             raise ConfigError(f"method.softmax={cfg.get('softmax')!r}: true or false")
-        self.schedule = schedule
-        self.train_config = TrainConfig.from_cfg(_Overlay(cfg, schedule="constant" if schedule == "linear" else schedule))
-        self.train_config.schedule = schedule
+        self.train_config = TrainConfig.from_cfg(cfg)
 
     def compose(self, ctx: FitContext) -> Iterator[Composed]:
         cfg, tc = self.cfg, self.train_config
@@ -267,8 +206,7 @@ class Cat(Method):
                 def objective(batch: list[Example]) -> torch.Tensor:
                     return lm.loss(prompts(batch), targets(batch), max_len=tc.max_len)
 
-                result = train_weights([weights.logits], examples, objective, tc, self.schedule, ctx.seed,
-                                       desc=f"fit cat {ctx.unit}")
+                result = train_gates([weights.logits], examples, objective, tc, ctx.seed, desc=f"fit cat {ctx.unit}")
                 final = fit_loss()
                 table = weights.table(pool.names)
                 trained = weights.logits.numel()

@@ -17,8 +17,8 @@ from bench.errors import ConfigError
 from bench.lora.adapters import LoraAdapter, LoraModule
 from bench.lora.pool import ExpertPool
 from methods.base import FitContext
-from methods.cat import (Cat, cat_attached, cat_merge, hf_linear_factor, initial_logits, perf_forwards,
-                         schedule_factor)
+from methods.cat import Cat, cat_attached, cat_merge, initial_logits, perf_forwards
+from methods.ops.gates import lr_factor
 from methods.linear import concat_merge
 from tasks.algorithmic import generate
 
@@ -257,8 +257,7 @@ def test_linear_schedule_is_transformers_linear_with_warmup():
     opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=1.0)
     sched = get_linear_schedule_with_warmup(opt, warmup, total)
     for step in range(total):
-        assert math.isclose(opt.param_groups[0]["lr"], schedule_factor(step, total, "linear", ratio), abs_tol=1e-12)
-        assert math.isclose(opt.param_groups[0]["lr"], hf_linear_factor(step, total, warmup), abs_tol=1e-12)
+        assert math.isclose(opt.param_groups[0]["lr"], lr_factor(step, total, "linear", ratio), abs_tol=1e-12)
         opt.step()
         sched.step()
 

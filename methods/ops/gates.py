@@ -107,6 +107,9 @@ def count_params(module: nn.Module) -> int:
 
 
 # ----------------------------------------------------------------------------------------- training
+SCHEDULES = ("constant", "cosine", "linear")
+
+
 @dataclass
 class TrainConfig:
     lr: float
@@ -117,7 +120,7 @@ class TrainConfig:
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8
     clip_grad: float | None = None
-    schedule: str = "constant"  # constant | cosine
+    schedule: str = "constant"  # constant | cosine | linear (transformers' linear schedule with warm-up)
     warmup_ratio: float = 0.0
     max_len: int = 512
 
@@ -145,8 +148,8 @@ class TrainConfig:
             raise ConfigError(f"method.steps={self.steps}: must be ≥ 0 (or null to train for `epochs`)")
         if self.steps is None and self.epochs < 0:
             raise ConfigError(f"method.epochs={self.epochs}: must be ≥ 0")
-        if self.schedule not in ("constant", "cosine"):
-            raise ConfigError(f"method.schedule={self.schedule!r}; choose constant or cosine")
+        if self.schedule not in SCHEDULES:
+            raise ConfigError(f"method.schedule={self.schedule!r}; choose one of {list(SCHEDULES)}")
         if not 0.0 <= self.warmup_ratio < 1.0:
             raise ConfigError(f"method.warmup_ratio={self.warmup_ratio}: must be in [0, 1)")
         if len(self.betas) != 2:
@@ -173,7 +176,12 @@ def batches(examples: Sequence[Example], batch_size: int, n_steps: int, seed: in
 
 
 def lr_factor(step: int, total: int, schedule: str, warmup_ratio: float) -> float:
-    """Multiplier of the base learning rate at 0-based `step`."""
+    """Multiplier of the base learning rate at 0-based `step`. ``linear`` is transformers'
+    ``get_linear_schedule_with_warmup`` with ``ceil(ratio · total)`` warm-up steps (``step / warmup``, then a linear
+    decay to 0 at `total`); ``constant`` and ``cosine`` warm up over ``int(ratio · total)`` steps from 1/(w + 1)."""
+    if schedule == "linear":
+        warm = math.ceil(total * warmup_ratio)
+        return step / max(1, warm) if step < warm else max(0.0, (total - step) / max(1, total - warm))
     if schedule == "constant" and warmup_ratio == 0:
         return 1.0
     warmup = int(total * warmup_ratio)
