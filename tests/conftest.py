@@ -120,3 +120,13 @@ class RecordingModel:
     def deltas_folded(self, deltas):
         self.applied.append(("deltas", deltas))
         yield self
+
+
+def shuffle_ranks(a: LoraAdapter, seed: int) -> LoraAdapter:
+    """The same LoRA with its ranks permuted (A's rows and B's columns together): every ΔW unchanged."""
+    g = torch.Generator().manual_seed(seed)
+    modules = {}
+    for module, m in a.modules.items():
+        perm = torch.randperm(m.rank, generator=g)
+        modules[module] = LoraModule(m.A[perm], m.B[:, perm], m.scale)
+    return LoraAdapter(a.name, a.base_model, modules, task_type=a.task_type)

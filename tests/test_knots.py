@@ -21,6 +21,7 @@ from bench.registry import get_method
 from conftest import CONF, random_adapter
 from methods.base import FitContext
 from conftest import RecordingModel as FakeModel
+from conftest import shuffle_ranks
 
 MODEL = torch.nn.ModuleDict({"q_proj": torch.nn.Linear(20, 24), "v_proj": torch.nn.Linear(10, 12)})  # Σr > d on v
 
@@ -109,16 +110,6 @@ def test_ties_trims_each_representation_to_the_official_count():
         assert int((rep.abs() > 1e-12).sum()) == int(rep.numel() * 0.3) + 1
 
 
-def shuffle_ranks(a: LoraAdapter, seed: int) -> LoraAdapter:
-    """The same LoRA with its rank components permuted (A's rows with B's columns): every Δ unchanged."""
-    g = torch.Generator().manual_seed(seed)
-    modules = {}
-    for module, m in a.modules.items():
-        perm = torch.randperm(m.rank, generator=g)
-        modules[module] = LoraModule(m.A[perm], m.B[:, perm], m.scale)
-    return LoraAdapter(a.name, a.base_model, modules)
-
-
 @pytest.mark.parametrize("merger", ["ties", "linear"])
 def test_pool_order_and_rank_order_do_not_matter_and_weights_follow_their_experts(merger):
     pool, weights, order = experts((2, 4, 8, 4)), [0.7, -0.2, 1.1, 0.4], (2, 0, 3, 1)
@@ -151,8 +142,6 @@ def test_zero_updates_merge_to_zero():
 def test_bad_config_is_a_clear_error(field, value):
     with pytest.raises(ConfigError, match=f"method.{field}="):
         make(**{field: value})
-
-
 
 
 @pytest.mark.parametrize("fold", [True, False])

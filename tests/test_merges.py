@@ -29,6 +29,7 @@ from methods.ops.merge_ops import (
     dare_masks, dense_to_lora, fold_lora_, fold_loras_, merge_dense, merge_stacked, module_seed, stack_factors,
 )
 from conftest import RecordingModel as FakePipeline
+from conftest import shuffle_ranks
 
 CONF = Path(__file__).resolve().parents[1] / "conf" / "method"
 KINDS = ["ties", "dare_linear", "dare_ties", "magnitude_prune"]
@@ -267,8 +268,6 @@ def test_bad_config_is_a_clear_error(name, field, value):
         make_method(name, **{field: value})
 
 
-
-
 UNET_SHAPES = {
     "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q": (32, 32),
     "down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k": (32, 24),
@@ -307,16 +306,6 @@ def test_permuting_the_pool_changes_nothing(name):
     permuted = composed_deltas(name, [experts[i] for i in (2, 0, 3, 1)], **EXACT.get(name, {}))
     for module in first:
         close(permuted[module], first[module], rtol=1e-10)
-
-
-def shuffle_ranks(a: LoraAdapter, seed: int) -> LoraAdapter:
-    """The same LoRA with its ranks permuted (A's rows and B's columns together): every ΔW unchanged."""
-    g = torch.Generator().manual_seed(seed)
-    modules = {}
-    for module, m in a.modules.items():
-        perm = torch.randperm(m.rank, generator=g)
-        modules[module] = LoraModule(m.A[perm], m.B[:, perm], m.scale)
-    return LoraAdapter(a.name, a.base_model, modules, task_type=a.task_type)
 
 
 @pytest.mark.parametrize("name", MERGE_METHODS + DATA_FREE)
