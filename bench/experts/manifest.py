@@ -23,13 +23,14 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 
 from bench.config import default_data_root
-from bench.errors import ConfigError, DataError
-from bench.files import write_json_atomic
+from bench.errors import AdapterError, ConfigError, DataError
+from bench.files import exclusive, write_json_atomic
 from bench.models.lm import LanguageModel
 from bench.models.loading import fingerprint
 from bench.registry import make_task
@@ -313,3 +314,19 @@ def write_manifest(cfg: DictConfig, lm: LanguageModel, base_fp: str, plans: list
         manifest["rescored_by"] = rescored_by
     write_json_atomic(Path(cfg.dir) / MANIFEST, manifest)
     return manifest
+
+
+def train_if_stale(cfg: DictConfig, folder: Path, problem: Callable[[], str | None], train: Callable[[], None],
+                   allowed: bool = True) -> None:
+    """Train the pool at `folder` when `problem()` names one (or refuse when not `allowed`), under the folder's
+    lock: jobs that start together on a cold cache train it once; the others wait, find it trained and go on."""
+    first = problem()
+    if not first:
+        return
+    if not allowed:
+        raise AdapterError(f"expert pool {cfg.name!r} at {folder}: {first}; run `make experts`")
+    with exclusive(folder, f"training expert pool {cfg.name}"):
+        current = problem()  # another job may have trained it meanwhile
+        if current:
+            log.info("training expert pool %s (%s)", cfg.name, current)
+            train()

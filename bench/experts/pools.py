@@ -15,14 +15,13 @@ from tqdm.auto import tqdm
 
 from bench.config import default_data_root
 from bench.errors import AdapterError, ConfigError
-from bench.files import exclusive
 from bench.lora.adapters import LoraAdapter
 from bench.lora.pool import ExpertPool
 from bench.models.lm import LanguageModel
 from bench.models.loading import fingerprint
 from bench.registry import make_task
 from bench.experts.manifest import (
-    expert_names, expert_problem, plan_pool, pool_problem, read_manifest, write_manifest,
+    expert_names, expert_problem, plan_pool, pool_problem, read_manifest, train_if_stale, write_manifest,
 )
 from methods.base import Composed, FitReport
 from tasks.base import Example, Task
@@ -47,13 +46,8 @@ def load_pool(cfg: DictConfig, model, data_root: str | None, train_if_missing: b
 
             return load_subject_pool(cfg, model, data_root, train_if_missing)
         folder = Path(cfg.dir)
-        problem = pool_problem(cfg, model, data_root)
-        if problem:
-            if not train_if_missing:
-                raise AdapterError(f"expert pool {cfg.name!r} at {folder}: {problem}; run `make experts`")
-            with exclusive(folder, f"training expert pool {cfg.name}"):
-                if pool_problem(cfg, model, data_root):  # another job may have trained it meanwhile
-                    train_pool(cfg, model, data_root)
+        train_if_stale(cfg, folder, lambda: pool_problem(cfg, model, data_root),
+                       lambda: train_pool(cfg, model, data_root), train_if_missing)
         names = expert_names(cfg)
         pool = ExpertPool(model.model_id, [LoraAdapter.from_peft_folder(folder / n, name=n) for n in names])
     pool.check_model(model.base_model)

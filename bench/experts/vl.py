@@ -28,8 +28,9 @@ import torch.nn.functional as F
 from omegaconf import OmegaConf
 from tqdm.auto import tqdm
 
-from bench.errors import AdapterError, ConfigError, DataError
-from bench.files import exclusive, write_json_atomic
+from bench.errors import ConfigError, DataError
+from bench.experts.manifest import train_if_stale
+from bench.files import write_json_atomic
 from bench.lora.adapters import LoraAdapter, LoraModule
 from bench.lora.diffusers_lora import WEIGHTS_NAME, save_diffusers_lora
 from bench.lora.load import load_adapter
@@ -98,15 +99,8 @@ def load_subject_pool(experts_cfg, model, data_root: str | None, train_if_missin
     stale (if allowed), each validated against `model` (base model id, module names, shapes)."""
     data = _data(experts_cfg.train, data_root)
     folder = Path(experts_cfg.dir)
-    problem = pool_problem(experts_cfg, model, data)
-    if problem:
-        if not train_if_missing:
-            raise AdapterError(f"expert pool {experts_cfg.name!r} at {folder}: {problem}; run `make experts`")
-        with exclusive(folder, f"training expert pool {experts_cfg.name}"):
-            problem = pool_problem(experts_cfg, model, data)  # another job may have trained it meanwhile
-            if problem:
-                log.info("training expert pool %s (%s)", experts_cfg.name, problem)
-                train_subject_pool(experts_cfg, model, data_root, folder)
+    train_if_stale(experts_cfg, folder, lambda: pool_problem(experts_cfg, model, data),
+                   lambda: train_subject_pool(experts_cfg, model, data_root, folder), train_if_missing)
     pool = ExpertPool(model.model_id, [load_adapter(folder / s) for s in subject_names(experts_cfg, data)])
     for adapter in pool:
         model.check_adapter(adapter)

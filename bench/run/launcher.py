@@ -28,6 +28,7 @@ from hydra.core.utils import JobReturn, JobStatus
 
 from bench.errors import BenchError, ConfigError
 from bench.run.plan import Cell, plan_cells
+from bench.run.slurm import FINAL, JobStates, check_request, outcome
 from bench.run.sweep_summary import note_job
 
 log = logging.getLogger("bench")
@@ -120,12 +121,9 @@ class FilteringLaunch:
         from omegaconf import OmegaConf
 
         params = {k: v for k, v in self.params.items() if k not in OWN_KEYS}
-        executor = submitit.AutoExecutor(cluster=self._EXECUTOR, folder=params.pop("submitit_folder"),
-                                         **{f"{self._EXECUTOR}_max_num_timeout": params.pop("max_num_timeout", 0)}
-                                         if "max_num_timeout" in params else {})
+        init = {f"{self._EXECUTOR}_max_num_timeout": params.pop("max_num_timeout")} if "max_num_timeout" in params else {}
+        executor = submitit.AutoExecutor(cluster=self._EXECUTOR, folder=params.pop("submitit_folder"), **init)
         if self._EXECUTOR == "slurm":
-            from bench.run.slurm import check_request
-
             part = check_request(params)
             delay = signal_delay(params.get("timeout_min") or 60, params.get("signal_delay_s", 120))
             if delay != params.get("signal_delay_s", 120):
@@ -141,8 +139,6 @@ class FilteringLaunch:
 
     def _submit_and_follow(self, executor, cells: list[Cell], sweep_dir: Path) -> dict[int, JobReturn]:
         from tqdm.auto import tqdm
-
-        from bench.run.slurm import FINAL, JobStates, outcome
 
         limit = int(self.params.get("max_in_flight") or 64)
         per_job = int(self.params.get("gpus_per_node") or 0)
@@ -170,7 +166,7 @@ class FilteringLaunch:
                 self._submitted[job.job_id] = time.time()
             seen = states.poll(list(running)) if states is not None else {}
             for job_id, (cell, job, gpus) in list(running.items()):
-                ret = self._outcome(cell, job, seen, sweep_dir, FINAL, outcome)
+                ret = self._outcome(cell, job, seen, sweep_dir)
                 if ret is not None:
                     returns[cell.index] = ret
                     del running[job_id]
@@ -182,7 +178,7 @@ class FilteringLaunch:
         bar.close()
         return returns
 
-    def _outcome(self, cell, job, seen, sweep_dir, final, outcome) -> JobReturn | None:
+    def _outcome(self, cell: Cell, job, seen: dict[str, str], sweep_dir: Path) -> JobReturn | None:
         """The cell's JobReturn once its job has ended, else None."""
         from submitit.core import utils
 
@@ -199,7 +195,7 @@ class FilteringLaunch:
                 self._known.add(job.job_id)
             # absent from Slurm's answer: ended long ago if we saw it before, or lost if never seen in 2 minutes
             gone = state is None and (job.job_id in self._known or time.time() - self._submitted[job.job_id] > 120)
-            over = state in final or gone
+            over = state in FINAL or gone
         else:
             over, state = job.done(), job.state
         if not over:

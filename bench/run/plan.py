@@ -69,9 +69,7 @@ def plan_cells(configs: list[tuple[int, list[str], DictConfig]]) -> list[Cell]:
         runs_dir = str(cfg.paths.runs_dir)
         if runs_dir not in done_by_dir:
             done_by_dir[runs_dir] = ok_job_keys(runs_dir)
-        if cfg.get("force", False):
-            pass
-        elif cell.job_key in done_by_dir[runs_dir]:
+        if not cfg.get("force", False) and cell.job_key in done_by_dir[runs_dir]:
             cell.state, cell.detail = "done", f"job {cell.job_key} already has an ok record"
             continue
         if cell.config_key in first_of:
