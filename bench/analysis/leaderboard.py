@@ -43,7 +43,7 @@ REFERENCE = "linear"
 ALPHA = 0.05
 LOCAL_OUT = PROJECT_ROOT / "results" / "local"
 SETTING_COLUMNS = ["setting", "profile", "domain", "task", "experts", "fit_examples", "limit"]
-COSTS = ["fit_seconds", "eval_seconds", "peak_memory_mb", "trained_params", "fit_examples_used"]
+COSTS = ["fit_seconds", "eval_seconds", "peak_memory_mb", "trained_params", "fit_examples_used", "fit_steps"]
 
 
 def setting_of(record: dict) -> dict:
@@ -126,7 +126,7 @@ class Setting:
             data["costs"].append({"fit_seconds": row.get("fit_seconds"), "eval_seconds": row.get("eval_seconds"),
                                   "peak_memory_mb": record.get("peak_memory_mb"),
                                   "trained_params": row.get("trained_params"),
-                                  "fit_examples_used": row.get("fit_examples")})
+                                  "fit_examples_used": row.get("fit_examples"), "fit_steps": row.get("fit_steps")})
 
 
 def command(record: dict) -> str:
@@ -249,6 +249,11 @@ def _p(value) -> str:
     return "" if value is None or pd.isna(value) else ("<0.001" if value < 0.001 else f"{value:.3f}")
 
 
+def _count(value) -> str:
+    """A budget count (examples, steps; a mean over seeds) as an integer where it is one."""
+    return "" if pd.isna(value) else f"{value:.0f}" if float(value).is_integer() else f"{value:.1f}"
+
+
 def markdown(overall: pd.DataFrame) -> str:
     parts = ["# Leaderboard", "",
              "Per setting: mean over seeds of the macro average over subtasks, 95 % CI (bootstrap over examples and "
@@ -269,6 +274,7 @@ def markdown(overall: pd.DataFrame) -> str:
             "p vs linear": group["p_vs_reference"].map(_p), "p vs best single": group["p_vs_best_single"].map(_p),
             "norm": group["normalized"].map(lambda v: "" if pd.isna(v) else f"{v:.2f}"),
             "seeds": group["seeds"], "n": group["n"],
+            "fit ex": group["fit_examples_used"].map(_count), "steps": group["fit_steps"].map(_count),
             "fit s": group["fit_seconds"].map(lambda v: "" if pd.isna(v) else f"{v:.1f}"),
             "eval s": group["eval_seconds"].map(lambda v: "" if pd.isna(v) else f"{v:.1f}"),
         })

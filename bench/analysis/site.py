@@ -65,6 +65,8 @@ COLUMNS = [  # (name, header, numeric, format)
     ("p_vs_best_single", "p vs best single", True, lambda v: "" if pd.isna(v) else f"{v:.3f}"),
     ("normalized", "norm", True, lambda v: "" if pd.isna(v) else f"{v:.2f}"),
     ("seeds", "seeds", True, str), ("n", "n", True, str),
+    ("fit_examples_used", "fit ex", True, lambda v: "" if pd.isna(v) else f"{v:g}"),
+    ("fit_steps", "steps", True, lambda v: "" if pd.isna(v) else f"{v:g}"),
     ("fit_seconds", "fit s", True, lambda v: "" if pd.isna(v) else f"{v:.1f}"),
     ("eval_seconds", "eval s", True, lambda v: "" if pd.isna(v) else f"{v:.1f}"),
     ("command", "command", False, None), ("config_key", "config", False, str),
