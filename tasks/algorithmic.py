@@ -132,6 +132,16 @@ FAMILIES: dict[str, Generator] = {
 }
 
 
+# the BIG-Bench Hard subtask each family imitates (the cross-task protocol withholds a family's expert from its twin)
+BBH_TWINS: dict[str, str] = {
+    "boolean_expressions": "boolean_expressions",
+    "multistep_arithmetic": "multistep_arithmetic_two",
+    "word_sorting": "word_sorting",
+    "dyck_languages": "dyck_languages",
+    "object_counting": "object_counting",
+}
+
+
 SCRATCHPADS: dict[str, ScratchpadGenerator] = {
     "multistep_arithmetic": _multistep_arithmetic,
 }

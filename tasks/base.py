@@ -21,6 +21,7 @@ from bench.errors import ConfigError
 from tasks.metrics import exact_match, extract_answer
 
 if TYPE_CHECKING:
+    from bench.lora.pool import ExpertPool
     from methods.base import Composed
 
 
@@ -95,6 +96,14 @@ class Task(ABC):
         all together (one composed model scored on every subtask, the MoLE in-domain setting)."""
         subtasks = self.subtasks()
         return [subtasks] if self.cfg.get("fit_scope", "per_subtask") == "joint" else [[s] for s in subtasks]
+
+    def samples_experts(self) -> bool:
+        """Whether `unit_pool` draws experts with the run seed (then every method's result depends on the seed)."""
+        return False
+
+    def unit_pool(self, unit: list[str], pool: "ExpertPool", seed: int) -> "ExpertPool":
+        """The experts a fit unit may compose (default: the whole pool)."""
+        return pool
 
     def fit_examples(self, k: int, seed: int, subtasks: list[str]) -> list[Example]:
         """`k` examples per subtask from the fit pool, drawn with `seed` (the same for every method)."""

@@ -45,6 +45,26 @@ class BBHTask(GenerativeTask):
     def answer_mode(self, subtask: str) -> str:
         return "after_answer_is" if self.cfg.format == "cot" else self.cfg.get("answer_extraction", "first_line")
 
+    def max_new_tokens(self, subtask: str) -> int:
+        """``max_new_tokens``, or the subtask's own budget from ``max_new_tokens_per_subtask`` (e.g. word sorting,
+        whose answers run to 60 tokens)."""
+        own = (self.cfg.get("max_new_tokens_per_subtask") or {}).get(subtask)
+        return int(own) if own is not None else super().max_new_tokens(subtask)
+
+    @property
+    def expert_holdout(self) -> int:
+        """Eval examples per subtask kept out of expert training (`train_examples`): an expert's manifest scores it
+        on these, so a pool's ``manifest_eval_limit`` must not exceed it."""
+        return int(self.cfg.get("expert_holdout", 50))
+
+    def train_examples(self, subtask: str, n: int, seed: int) -> list[Example]:
+        """Training data of an expert on `subtask`, for the cross-task protocol (`task=bbh_cross`), where no expert is
+        ever composed for its own task family: `n` examples (all when fewer) of the subtask's fit pool and of its eval
+        set after the first `expert_holdout`, drawn with `seed`."""
+        fit, evals = self.split(subtask)
+        available = fit + evals[self.expert_holdout:]
+        return random.Random(f"train{seed}:{subtask}").sample(available, min(int(n), len(available)))
+
     def split(self, subtask: str) -> tuple[list[Example], list[Example]]:
         examples = stable_order(load_subtask(subtask, self.local_dir()))
         n_fit = int(self.cfg.fit_pool_size)

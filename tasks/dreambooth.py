@@ -4,7 +4,7 @@ Data (``<data_root>/dreambooth``, from google/dreambooth): one folder of referen
 ``prompts_and_classes.txt`` (subject -> class noun; 25 object and 25 live-subject prompt templates).
 
 Subtasks are composition sets named ``subject+subject[+subject]`` (e.g. MoLE's ``dog6+wolf_plushie+backpack``); the
-experts of a set are the subjects' LoRAs (`unit_experts`). Each subject is written ``<unique token> <class>``: the
+experts of a set are the subjects' LoRAs (`unit_pool`). Each subject is written ``<unique token> <class>``: the
 token is a rare single CLIP token per subject (`DEFAULT_TOKENS`, overridable by ``task.tokens``; the expert pool must
 be trained with the same table). Prompts of a set: the official templates that fit every subject of the set
 (object list if none is live, live list if all are, otherwise the 15 templates the two lists share), with
@@ -32,6 +32,7 @@ from functools import lru_cache
 from pathlib import Path
 
 from bench.errors import ConfigError, DataError
+from bench.lora.pool import ExpertPool
 from bench.registry import register_task
 from tasks.base import Example, Score, Task
 
@@ -178,9 +179,9 @@ class DreamBoothTask(Task):
     def all_subtasks(self) -> list[str]:
         return [str(s) for s in self.cfg.sets]
 
-    def unit_experts(self, unit: list[str]) -> list[str]:
-        """The expert (subject) names a fit unit composes: the runner passes ``pool.subset(...)`` of these."""
-        return [s for name in unit for s in set_subjects(name)]
+    def unit_pool(self, unit: list[str], pool: ExpertPool, seed: int) -> ExpertPool:
+        """The experts (subjects) a fit unit composes."""
+        return pool.subset([s for name in unit for s in set_subjects(name)])
 
     def phrase(self, subject: str, with_token: bool = True) -> str:
         cls = self.data.subject(subject).cls

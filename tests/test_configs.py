@@ -64,9 +64,10 @@ def test_yaml_composes_and_instantiates(rel):
     elif group == "model":
         check_model_config(cfg.model)
     elif group == "experts":
-        assert cfg.experts.source in ("train", "adapters") and cfg.experts.name
-        if cfg.experts.source == "train":
-            assert cfg.experts.dir and cfg.experts.train
+        assert cfg.experts.source in ("train", "adapters", "pools") and cfg.experts.name
+        pools = cfg.experts.members.values() if cfg.experts.source == "pools" else [cfg.experts]
+        for pool in pools:
+            assert pool.source != "train" or (pool.dir and pool.train)
     elif group == "profile":
         assert cfg.profile.name == rel.stem
         check_model_config(cfg.model)
@@ -84,7 +85,7 @@ def test_a_job_no_seed_can_change_has_one_key_for_every_seed(method, seeded):
 
     def key(*extra):
         cfg = compose_with([f"method={method}", "task=algorithmic", "profile=smoke", *extra])
-        return identity(cfg, get_method(method)(cfg.method))
+        return identity(cfg, get_method(method)(cfg.method), get_task("algorithmic")(cfg.task))
 
     assert (key("seed=0") != key("seed=1")) is seeded
     assert key("seed=0", "experts.n=3") != key("seed=1", "experts.n=3")  # a sampled pool depends on the seed

@@ -73,7 +73,11 @@ def test_prompts_of_sets():
     target = json.loads(fit[0].target)
     assert target["subject"] == "dog6" and target["image"].endswith("dog6/00.jpg")
     assert target["clip_text"] == "a photo of a dog and a stuffed animal and a backpack"
-    assert task.unit_experts([MOLE_SET]) == ["dog6", "wolf_plushie", "backpack"]
+    class Names:  # stands in for the pool: its subset is the names asked for
+        def subset(self, names):
+            return names
+
+    assert task.unit_pool([MOLE_SET], Names(), seed=0) == ["dog6", "wolf_plushie", "backpack"]
     assert len(task.eval_examples(MOLE_SET)) == 15
     tokens = task_with(sets=["dog6+backpack"], tokens={"dog6": "olis"}, clip_t_text="full")
     assert tokens.split("dog6+backpack")[1][0].input == "a olis dog and a sks backpack in the jungle"

@@ -50,9 +50,8 @@ def setting_of(record: dict) -> dict:
     """The fields that fix what a job measures, except its method (module docstring)."""
     config = record.get("config", {})
     experts = dict(config.get("experts") or {})
-    for group, key in LOCATION_KEYS:
-        if group == "experts":
-            experts.pop(key, None)
+    for key in LOCATION_KEYS:
+        experts.pop(key, None)
     return {"profile": record["profile"], "task": config.get("task", {"name": record["task"]}),
             "model": config.get("model", {}), "experts": experts, "fit_examples": config.get("fit_examples")}
 

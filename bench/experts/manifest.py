@@ -143,6 +143,10 @@ def plan_pool(cfg: DictConfig, data_root: str | None, end_token: str | None = No
     if unknown:
         raise ConfigError(f"experts.train.subtasks: unknown {cfg.train.task} subtasks {unknown}; "
                           f"known: {task.all_subtasks()}")
+    holdout = getattr(task, "expert_holdout", None)  # eval examples the task keeps out of expert training
+    if holdout is not None and int(cfg.get("manifest_eval_limit", 20)) > holdout:
+        raise ConfigError(f"experts.manifest_eval_limit={cfg.manifest_eval_limit} exceeds the {holdout} examples per "
+                          f"subtask that task {cfg.train.task!r} keeps out of expert training (task_cfg.expert_holdout)")
     plans = []
     for name in expert_names(cfg):
         train = effective_train(cfg, name)

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import random
 import sys
@@ -15,28 +16,53 @@ from tqdm.auto import tqdm
 
 from bench.config import default_data_root
 from bench.errors import AdapterError, ConfigError
+from bench.files import exclusive
 from bench.lora.adapters import LoraAdapter
 from bench.lora.pool import ExpertPool
 from bench.models.lm import LanguageModel
 from bench.models.loading import fingerprint
 from bench.registry import make_task
 from bench.experts.manifest import (
-    expert_names, expert_problem, plan_pool, pool_problem, read_manifest, train_if_stale, write_manifest,
+    MANIFEST, expert_names, expert_problem, plan_pool, pool_problem, read_manifest, train_if_stale, write_manifest,
 )
 from methods.base import Composed, FitReport
 from tasks.base import Example, Task
 from tasks.metrics import paired_sign_p
 
-SOURCES = ("train", "adapters")
+SOURCES = ("train", "adapters", "pools")
 
 log = logging.getLogger(__name__)
+
+
+def member_configs(cfg: DictConfig) -> dict[str, DictConfig]:
+    """The pools a ``source: pools`` config joins (``members``: key -> experts config; their experts are named
+    ``<key>.<name>`` in the joined pool); {} for any other source."""
+    if cfg.get("source") != "pools":
+        return {}
+    members = cfg.get("members") or {}
+    if not members:
+        raise ConfigError(f"experts {cfg.name!r}: source=pools needs members (key -> an experts config)")
+    for key, member in members.items():
+        if member.get("source") not in ("train", "adapters"):
+            raise ConfigError(f"experts.members.{key}: source={member.get('source')!r}; a member is a trained pool "
+                              "or a list of adapters")
+        if member.get("domain", "nlp") != "nlp":
+            raise ConfigError(f"experts.members.{key}: joined pools are language-model pools, not {member.domain!r}")
+    return {str(k): v for k, v in members.items()}
 
 
 def load_pool(cfg: DictConfig, model, data_root: str | None, train_if_missing: bool = True) -> ExpertPool:
     """The pool an experts config describes, trained first when it is missing or stale (and allowed)."""
     if cfg.source not in SOURCES:
         raise ConfigError(f"experts.source={cfg.source!r}; choose one of {SOURCES}")
-    if cfg.source == "adapters":
+    if cfg.source == "pools":
+        adapters = []
+        for key, member in member_configs(cfg).items():
+            for adapter in load_pool(member, model, data_root, train_if_missing):
+                adapter.name = f"{key}.{adapter.name}"
+                adapters.append(adapter)
+        pool = ExpertPool(model.model_id, adapters)
+    elif cfg.source == "adapters":
         if not cfg.adapters:
             raise ConfigError("experts.source=adapters needs experts.adapters: a list of peft folders or hub ids")
         pool = ExpertPool.from_sources(model.model_id, list(cfg.adapters), cache_dir=cfg.get("hub_cache"))
@@ -66,9 +92,12 @@ def expert_task_examples(adapter: LoraAdapter, n: int, seed: int, data_root: str
     return task.train_examples(meta["subtask"], n, seed)
 
 
-def train_pool(cfg: DictConfig, lm: LanguageModel, data_root: str | None, force: bool = False) -> dict:
-    """Train the stale or missing experts of the pool (every expert with `force`) on `lm`, keeping the current
-    ones (adapter folders and manifest rows untouched), and write the manifest atomically after each expert."""
+def train_pool(cfg: DictConfig, lm: LanguageModel, data_root: str | None, force: bool = False,
+               only: set[str] | None = None) -> dict:
+    """Train the stale or missing experts of the pool (every expert with `force`; of those, only the names in
+    `only` when given: one shard of a pool trained by several processes) on `lm`, keeping the current ones
+    (adapter folders and manifest rows untouched), and write the manifest after each expert (`_merge_manifest`:
+    other processes' rows are kept)."""
     folder = Path(cfg.dir)
     folder.mkdir(parents=True, exist_ok=True)
     data_root = data_root if data_root is not None else default_data_root()
@@ -78,12 +107,12 @@ def train_pool(cfg: DictConfig, lm: LanguageModel, data_root: str | None, force:
     same_base = manifest.get("base_fingerprint") == base_fp
     old_rows = {r["name"]: r for r in manifest.get("experts") or []} if same_base else {}
     problems = {p.name: "force" if force else expert_problem(p, old_rows.get(p.name), folder) for p in plans}
-    rows = {n: r for n, r in old_rows.items() if n in problems and problems[n] is None}
-    todo = [p for p in plans if problems[p.name]]
+    todo = [p for p in plans if problems[p.name] and (only is None or p.name in only)]
     if not todo:
         return manifest
-    log.info("pool %s: training %s; keeping %s", cfg.name, [p.name for p in todo], list(rows))
-    result = write_manifest(cfg, lm, base_fp, plans, rows)  # stale rows dropped before their adapters change
+    log.info("pool %s: training %s", cfg.name, [p.name for p in todo])
+    pending = {p.name for p in todo}
+    result = _merge_manifest(cfg, lm, base_fp, plans, {}, pending)  # stale rows dropped before their adapters change
     task_cfg = OmegaConf.to_container(OmegaConf.create(cfg.train.get("task_cfg") or {}), resolve=True)
     for plan in tqdm(todo, desc=f"experts {cfg.name}"):
         start = time.perf_counter()
@@ -96,9 +125,24 @@ def train_pool(cfg: DictConfig, lm: LanguageModel, data_root: str | None, force:
                "steps": int(plan.train.steps), "seconds": round(seconds, 1)}
         row.update(manifest_scores(lm, task, adapter, int(cfg.get("manifest_eval_limit", 20))))
         row.update(plan.record(), created=time.strftime("%Y-%m-%dT%H:%M:%S"))
-        rows[plan.name] = row
-        result = write_manifest(cfg, lm, base_fp, plans, rows)
+        pending.discard(plan.name)
+        result = _merge_manifest(cfg, lm, base_fp, plans, {plan.name: row}, pending)
     return result
+
+
+def _merge_manifest(cfg: DictConfig, lm: LanguageModel, base_fp: str, plans: list, rows: dict,
+                    dropped: set[str]) -> dict:
+    """Under the manifest's lock: the rows on disk (of this base model) updated with `rows`, without the
+    experts in `dropped` (being retrained), written atomically, so processes training shards of one pool each
+    add their own experts' rows."""
+    path = Path(cfg.dir) / MANIFEST
+    with exclusive(path, f"writing the manifest of pool {cfg.name}"):
+        on_disk = json.loads(path.read_text()) if path.is_file() else {}
+        merged = {r["name"]: r for r in on_disk.get("experts") or []} if on_disk.get("base_fingerprint") == base_fp else {}
+        merged.update(rows)
+        for name in dropped:
+            merged.pop(name, None)
+        return write_manifest(cfg, lm, base_fp, plans, merged)
 
 
 def train_expert(lm: LanguageModel, task: Task, examples: list[Example], train: DictConfig, name: str) -> LoraAdapter:

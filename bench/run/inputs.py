@@ -6,7 +6,8 @@ A job's key (`bench.run.records.job_key`) hashes its config together with `job_i
 - ``model``: a local folder's files (sha256 of each), a hub id with its revision, the pip package version of a
   GGUF-packaged model; a model built from a config (tiny test models) is its config, already in the key;
 - ``experts``: every adapter file of the pool (a peft folder's ``adapter_model.safetensors`` and
-  ``adapter_config.json``, a trained pool's files and its manifest), a hub adapter id as given;
+  ``adapter_config.json``, a trained pool's files and its manifest), a hub adapter id as given; a joined pool's,
+  per member;
 - ``data``: every data file the task reads for the chosen subtasks (`Task.data_files`).
 
 File digests are sha256 of the whole file, cached on disk by (path, size, modification time) in
@@ -106,6 +107,8 @@ def adapter_files(folder: Path) -> list[Path]:
 
 
 def expert_inputs(cfg: DictConfig, cache: DigestCache) -> dict:
+    if cfg.get("source") == "pools":
+        return {str(key): expert_inputs(member, cache) for key, member in (cfg.get("members") or {}).items()}
     if cfg.get("source") == "adapters":
         out = {}
         for source in cfg.get("adapters") or []:

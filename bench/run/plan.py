@@ -61,7 +61,7 @@ def plan_cells(configs: list[tuple[int, list[str], DictConfig]]) -> list[Cell]:
         cells.append(cell)
         try:
             method, task = prepare(cfg)
-            cell.config_key = identity(cfg, method)
+            cell.config_key = identity(cfg, method, task)
             cell.job_key = input_key(cell.config_key, job_inputs(cfg, task))
         except BenchError as exc:
             cell.state, cell.detail = "invalid", str(exc)

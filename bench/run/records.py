@@ -32,7 +32,7 @@ LIBRARIES = ("torch", "transformers", "peft", "diffusers", "open_clip_torch", "n
 # Where things are on disk rather than what they are: (group, key) left out of a job's key, so a checkout at
 # another path (another machine, a cluster node) finds the same jobs done. A trained pool is defined by its
 # name and training config (its manifest vouches for the files); an adapter list keeps its paths.
-LOCATION_KEYS = (("experts", "dir"), ("experts", "hub_cache"))
+LOCATION_KEYS = ("dir", "hub_cache")  # of an experts config: where its pool lies, not what it is
 
 
 def job_config(cfg: DictConfig, seeded: bool = True) -> dict:
@@ -41,10 +41,16 @@ def job_config(cfg: DictConfig, seeded: bool = True) -> dict:
     data = OmegaConf.to_container(cfg, resolve=True)
     volatile = VOLATILE_KEYS if seeded else (*VOLATILE_KEYS, "seed")
     out = {k: v for k, v in data.items() if k not in volatile}
-    for group, key in LOCATION_KEYS:
-        if isinstance(out.get(group), dict):
-            out[group] = {k: v for k, v in out[group].items() if k != key}
+    experts = out.get("experts")
+    if isinstance(experts, dict):  # a pool's, and a joined pool's members', locations
+        members = experts.get("members") or {}
+        out["experts"] = {**_without_locations(experts),
+                          **({"members": {k: _without_locations(m) for k, m in members.items()}} if members else {})}
     return out
+
+
+def _without_locations(experts: dict) -> dict:
+    return {k: v for k, v in experts.items() if k not in LOCATION_KEYS}
 
 
 def job_key(cfg: DictConfig, seeded: bool = True) -> str:

@@ -44,16 +44,20 @@ def prepare(cfg: DictConfig) -> tuple[Method, Task]:
     task = get_task(cfg.task.name)(cfg.task, cfg.paths.get("data_root"))
     if task.domain not in method.domains:
         raise ConfigError(f"method {cfg.method.name!r} supports {list(method.domains)}, not the {task.domain!r} task {cfg.task.name!r}")
+    if task.samples_experts() and cfg.experts.get("n") is not None:
+        raise ConfigError(f"task {cfg.task.name!r} draws each unit's experts itself; set experts.n=null "
+                          f"(got experts.n={cfg.experts.n})")
     task.subtasks()  # unknown subtasks fail here
     task.check_data()  # a data root that does not hold the task's files fails here
     return method, task
 
 
-def identity(cfg: DictConfig, method: Method) -> str:
+def identity(cfg: DictConfig, method: Method, task: Task) -> str:
     """The job's key: without the seed when no seed can change the result (a method that does not use it,
-    on the whole pool; a sampled pool, ``experts.n``, depends on the seed), so a sweep over seeds runs such
-    a job once and skips it for the other seeds."""
-    return job_key(cfg, seeded=method.uses_seed() or cfg.experts.get("n") is not None)
+    on the whole pool; a sampled pool, ``experts.n`` or a task that samples each unit's experts, depends on the
+    seed), so a sweep over seeds runs such a job once and skips it for the other seeds."""
+    sampled = cfg.experts.get("n") is not None or task.samples_experts()
+    return job_key(cfg, seeded=method.uses_seed() or sampled)
 
 
 def run(cfg: DictConfig, output_dir: str | Path, record_input_errors: bool = False) -> dict:
@@ -66,7 +70,7 @@ def run(cfg: DictConfig, output_dir: str | Path, record_input_errors: bool = Fal
     from bench.run.inputs import changed, describe, job_inputs
 
     method, task = prepare(cfg)
-    config_key = identity(cfg, method)
+    config_key = identity(cfg, method, task)
     inputs = job_inputs(cfg, task)
     key = input_key(config_key, inputs)
     runs_dir = Path(cfg.paths.runs_dir)
@@ -117,8 +121,8 @@ def execute(cfg: DictConfig, method: Method, task: Task, output_dir: Path) -> di
     rows, predictions = [], []
     for unit in task.fit_units():
         fit = task.fit_examples(int(cfg.fit_examples), int(cfg.seed), unit) if cfg.fit_examples else []
-        # tasks whose units compose their own experts (a DreamBooth composition set) name them
-        unit_pool = pool.subset(task.unit_experts(unit)) if hasattr(task, "unit_experts") else pool
+        # a DreamBooth set composes its subjects; a cross-task unit, the experts of other task families
+        unit_pool = task.unit_pool(unit, pool, int(cfg.seed))
         ctx = FitContext(model=model, pool=unit_pool, fit_examples=fit, seed=int(cfg.seed), prompt=task.prompt,
                          score=lambda composed, examples: task.score_examples(composed, examples)[0],
                          unit="+".join(unit))
