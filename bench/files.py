@@ -22,12 +22,17 @@ def _umask() -> int:
 
 def write_json_atomic(path: Path, payload: dict) -> None:
     """Write JSON so that readers see the old file or the complete new one, never a partial write."""
+    write_bytes_atomic(path, json.dumps(payload, indent=2, default=str).encode())
+
+
+def write_bytes_atomic(path: Path, data: bytes) -> None:
+    """Write `data` so that readers see the old file or the complete new one, never a partial write."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         os.fchmod(fd, 0o644 & ~_umask())  # readable by teammates on a shared disk, as a plain open() would be
-        with os.fdopen(fd, "w") as f:
-            json.dump(payload, f, indent=2, default=str)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)

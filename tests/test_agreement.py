@@ -31,3 +31,14 @@ def test_examples_pair_by_input_not_by_position():
     b = [Job(dict(a[0].record), list(reversed(a[0].predictions)))]
     table, _, _ = compare(a, b)
     assert table.loc[0, "identical"] == 1.0
+
+
+def test_a_compact_side_is_compared_by_extracted_answer():
+    """Compact published archives keep no generations: both sides are then compared by their extracted answers."""
+    full = job("k", ["True. Because", "False"])
+    for p, answer in zip(full.predictions, ["True.", "False"]):
+        p["answer"] = answer
+    compact = Job(dict(full.record), [{k: v for k, v in p.items() if k != "generation"} for p in full.predictions])
+    compact.predictions[1]["answer"] = "True"
+    table, _, _ = compare([full], [compact])
+    assert table.loc[0, "identical"] == 0.5

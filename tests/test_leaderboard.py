@@ -114,7 +114,8 @@ def test_cross_task_rows_have_no_own_expert_normalization(runs):
 
 def test_published_records_rebuild_the_tables_byte_for_byte(runs, tmp_path, capsys):
     published = tmp_path / "published"
-    assert len(publish([runs], published)) == 4  # the newest ok record of each job
+    jobs = [p for p in publish([runs], published) if p.parent.name != "examples"]
+    assert len(jobs) == 4  # the newest ok record of each job
     main(["--runs-dir", str(published), "--out", str(tmp_path / "a"), "--no-plots"])
     main(["--runs-dir", str(published), "--out", str(tmp_path / "b"), "--no-plots"])
     assert "read 4 job(s)" in capsys.readouterr().out
@@ -151,3 +152,28 @@ def test_cost_plot_labels_neither_overlap_nor_leave_the_axes():
         assert a.x0 >= frame.x0 and a.x1 <= frame.x1 and a.y0 >= frame.y0 and a.y1 <= frame.y1
         assert not any(a.overlaps(b) for b in boxes[i + 1:])
     plt.close(fig)
+
+
+def test_compact_archives_keep_every_scored_example_and_share_the_example_list(runs, tmp_path):
+    """A published job keeps each example's answer and correctness per variant (no generation); its examples are
+    stored once per task and shared; jobs whose variants scored different examples are kept row by row."""
+    import gzip
+    import json
+
+    from bench.analysis.published import compact, expand
+
+    published = tmp_path / "published"
+    written = publish([runs], published)
+    shared = [p for p in written if p.parent.name == "examples"]
+    assert len(shared) == len({p.parent.parent for p in written if p.parent.name != "examples"})
+    originals = {j.record["job_key"]: j.predictions for j in read_jobs([runs])}
+    for job in read_jobs([published]):
+        expected = [{k: v for k, v in row.items() if k != "generation"} for row in originals[job.record["job_key"]]]
+        assert sorted(job.predictions, key=json.dumps) == sorted(expected, key=json.dumps)
+        payload = json.loads(gzip.decompress(Path(job.source).read_bytes()))
+        assert "generation" not in json.dumps(payload["predictions"])
+    rows = [{"variant": v, "subtask": "a", "input": str(i), "target": "x", "answer": "x", "correct": 1.0}
+            for v in ("p", "q") for i in range(3)]
+    examples, columns = compact(rows)
+    assert expand(columns, examples) == rows
+    assert compact(rows[:-1]) is None  # variant q scored 2 of the 3 examples: not expressible, kept as rows

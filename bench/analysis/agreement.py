@@ -5,7 +5,8 @@
 `A` and `B` are run folders or published archives (anything ``bench.analysis.published.read_jobs`` reads). Jobs
 are paired by their config key (what the user asked for: method, task, seed, pool, budgets…), so a re-run on
 other hardware or software pairs with the original even where the input digests moved. Per pair: each side's
-score, device and git commit, and the share of examples whose generation is identical. Deterministic methods
+score, device and git commit, and the share of examples whose generation is identical (the extracted answer, where
+a side is a compact published archive, which keeps no generations). Deterministic methods
 should agree on every example; a seeded random draw (DARE's masks) or a trained gate (MoLE) may not, because
 torch's random streams and floating-point order differ across devices — the table shows by how much, and that
 the scores stay inside the leaderboard's intervals. Jobs only one side holds are counted, not compared.
@@ -43,9 +44,10 @@ def compare(a: list[Job], b: list[Job]) -> tuple[pd.DataFrame, int, int]:
     rows = []
     for key in sorted(set(left) & set(right)):
         ja, jb = left[key], right[key]
-        generations = {_example_key(p): p.get("generation") for p in jb.predictions}
-        shared = [p for p in ja.predictions if _example_key(p) in generations]
-        same = sum(p.get("generation") == generations[_example_key(p)] for p in shared)
+        field = "generation" if all("generation" in p for p in ja.predictions + jb.predictions) else "answer"
+        outputs = {_example_key(p): p.get(field) for p in jb.predictions}
+        shared = [p for p in ja.predictions if _example_key(p) in outputs]
+        same = sum(p.get(field) == outputs[_example_key(p)] for p in shared)
         rows.append({"task": ja.record["task"], "method": ja.record["method"], "seed": ja.record["seed"],
                      "n": len(shared), "identical": same / len(shared) if shared else float("nan"),
                      "score_a": _score(ja), "score_b": _score(jb),

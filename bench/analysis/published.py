@@ -1,6 +1,10 @@
 """The published records: the raw per-job records and predictions behind the committed leaderboard.
 
-``results/published/<task>/<job_key>.json.gz`` holds one job: ``{"record": …, "predictions": […]}``. `make
+``results/published/<task>/<job_key>.json.gz`` holds one job: ``{"record": …, "predictions": […]}``, or, compact
+(what `publish` writes): ``{"record": …, "examples": <digest>, "predictions": {<variant>: {"answer": […], "correct":
+[…]}}}``, the examples themselves (subtask, input, target, in the job's order) stored once per task in
+``examples/<digest>.json.gz`` and shared by every job scored on them; the raw generations stay in the run folders
+(a 5,836-example job is 36 kB instead of 330 kB). `make
 leaderboard` rebuilds the committed tables from these files alone, so a fresh clone reproduces them byte for
 byte; ``python -m bench.analysis.leaderboard --publish <runs dir>…`` copies finished jobs from run folders into it (the
 maintainers' step after re-running a setting; a user's own runs never land here by themselves).
@@ -9,15 +13,18 @@ maintainers' step after re-running a setting; a user's own runs never land here 
 from __future__ import annotations
 
 import gzip
+import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from bench.config import PROJECT_ROOT
+from bench.files import write_bytes_atomic
 from bench.run.records import iter_records, record_problem
 
 PUBLISHED_DIR = PROJECT_ROOT / "results" / "published"
 PREDICTIONS = "predictions.jsonl"
+EXAMPLES_DIR = "examples"  # per task: the example lists that compact jobs share
 
 
 @dataclass
@@ -38,11 +45,17 @@ def read_predictions(record_path: Path) -> list[dict]:
 
 def read_archive(folder: Path, skipped: list[tuple[str, str]] | None = None) -> list[Job]:
     jobs = []
-    for path in sorted(folder.rglob("*.json.gz")):
+    examples: dict[Path, list] = {}
+    for path in sorted(p for p in folder.rglob("*.json.gz") if p.parent.name != EXAMPLES_DIR):
         try:
             payload = json.loads(gzip.decompress(path.read_bytes()))
             problem = record_problem(payload.get("record")) if isinstance(payload, dict) else "not an object"
-        except (OSError, ValueError) as err:
+            if not problem and "examples" in payload:
+                source = path.parent / EXAMPLES_DIR / f"{payload['examples']}.json.gz"
+                if source not in examples:
+                    examples[source] = json.loads(gzip.decompress(source.read_bytes()))
+                payload["predictions"] = expand(payload["predictions"], examples[source])
+        except (OSError, ValueError, KeyError) as err:
             problem = f"unreadable ({type(err).__name__}: {err})"
         if problem:
             if skipped is not None:
@@ -50,6 +63,32 @@ def read_archive(folder: Path, skipped: list[tuple[str, str]] | None = None) -> 
             continue
         jobs.append(Job(payload["record"], payload.get("predictions", []), str(path)))
     return jobs
+
+
+def compact(predictions: list[dict]) -> tuple[list, dict] | None:
+    """(examples, per-variant answers and correctness) of a job's prediction rows, when every variant scored the
+    same examples in the same order; None otherwise (then the rows are published as they are)."""
+    variants: dict[str, list[dict]] = {}
+    for row in predictions:
+        variants.setdefault(row.get("variant", ""), []).append(row)
+    first = next(iter(variants.values()))
+    examples = [[r["subtask"], r["input"], r["target"]] for r in first]
+    for rows in variants.values():
+        if [[r["subtask"], r["input"], r["target"]] for r in rows] != examples:
+            return None
+    return examples, {v: {"answer": [r["answer"] for r in rows], "correct": [r["correct"] for r in rows]}
+                      for v, rows in variants.items()}
+
+
+def expand(columns: dict, examples: list) -> list[dict]:
+    """The prediction rows of a compact job (no generations)."""
+    rows = []
+    for variant, scored in columns.items():
+        if len(scored["answer"]) != len(examples):
+            raise ValueError(f"variant {variant!r} has {len(scored['answer'])} answers for {len(examples)} examples")
+        rows.extend({"variant": variant, "subtask": t, "input": i, "target": y, "answer": a, "correct": c}
+                    for (t, i, y), a, c in zip(examples, scored["answer"], scored["correct"]))
+    return rows
 
 
 def read_jobs(sources: list[Path], skipped: list[tuple[str, str]] | None = None) -> list[Job]:
@@ -71,14 +110,28 @@ def read_jobs(sources: list[Path], skipped: list[tuple[str, str]] | None = None)
 
 
 def publish(run_dirs: list[Path], out: Path = PUBLISHED_DIR) -> list[Path]:
-    """Copy every ok job under `run_dirs` (with its predictions) into the archive `out`; returns the files."""
+    """Copy every ok job under `run_dirs` into the archive `out`, compact where it can be (module docstring);
+    returns the files written (shared example lists included)."""
     written = []
     for job in read_jobs(run_dirs):
         if not job.predictions:
             continue  # nothing to resample: not publishable
-        path = out / job.record["task"] / f"{job.record['job_key']}.json.gz"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        text = json.dumps({"record": job.record, "predictions": job.predictions}, sort_keys=True, default=str)
-        path.write_bytes(gzip.compress(text.encode(), mtime=0))
-        written.append(path)
+        folder = out / job.record["task"]
+        payload: dict = {"record": job.record, "predictions": job.predictions}
+        packed = compact(job.predictions)
+        if packed is not None:
+            examples, columns = packed
+            digest = hashlib.sha256(json.dumps(examples).encode()).hexdigest()[:16]
+            source = folder / EXAMPLES_DIR / f"{digest}.json.gz"
+            if not source.is_file():
+                written.append(_write_gz(source, examples))
+            payload = {"record": job.record, "examples": digest, "predictions": columns}
+        written.append(_write_gz(folder / f"{job.record['job_key']}.json.gz", payload))
     return written
+
+
+def _write_gz(path: Path, payload) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = json.dumps(payload, sort_keys=True, default=str)
+    write_bytes_atomic(path, gzip.compress(text.encode(), mtime=0))
+    return path
