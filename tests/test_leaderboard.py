@@ -177,3 +177,18 @@ def test_compact_archives_keep_every_scored_example_and_share_the_example_list(r
     examples, columns = compact(rows)
     assert expand(columns, examples) == rows
     assert compact(rows[:-1]) is None  # variant q scored 2 of the 3 examples: not expressible, kept as rows
+
+
+def test_an_example_the_data_holds_twice_is_scored_twice(tmp_path):
+    """BBH's sports_understanding holds two examples twice: each copy is a scored example, none is dropped."""
+    r = tmp_path / "runs"
+    for i, (key, seed, first, second) in enumerate([("k1", 0, 1, 0), ("k2", 1, 1, 1)]):
+        record(r / str(i), key, "linear", seed, {"a": [first, second, 1]})
+        preds = [json.loads(line) for line in (r / str(i) / "predictions.jsonl").read_text().splitlines()]
+        preds[1]["input"] = preds[0]["input"]  # examples 0 and 1 are the same question
+        (r / str(i) / "predictions.jsonl").write_text("".join(json.dumps(p) + "\n" for p in preds))
+    left_out = []
+    overall, _ = build(read_jobs([r]), left_out)
+    assert left_out == []
+    row = overall.iloc[0]
+    assert row["n"] == 3 and row["mean"] == pytest.approx((2 / 3 + 1) / 2)

@@ -67,6 +67,18 @@ def example_key(row: dict) -> tuple[str, ...]:
             str(row.get("seed", "")), str(row.get("image_index", "")))
 
 
+def numbered_keys(rows: list[dict]) -> list[tuple]:
+    """Each row's `example_key` with its occurrence number among equal keys of its subtask: a data set that holds
+    an example twice (BBH's sports_understanding does) is scored, and resampled, twice."""
+    seen: dict[tuple, int] = {}
+    out = []
+    for row in rows:
+        key = (row.get("subtask"), *example_key(row))
+        seen[key] = seen.get(key, -1) + 1
+        out.append((*example_key(row), str(seen[key])))
+    return out
+
+
 def example_value(row: dict, metric: str) -> float | None:
     """A prediction row's score under `metric` (exact match: its correctness)."""
     if metric == "exact_match":
@@ -93,8 +105,8 @@ class Setting:
         for p in preds:
             by_variant.setdefault(p.get("variant") or "", []).append(p)
         examples = {}
-        for p in next(iter(by_variant.values()), []):
-            examples.setdefault(p["subtask"], []).append(example_key(p))
+        for p, key in zip(first := next(iter(by_variant.values()), []), numbered_keys(first)):
+            examples.setdefault(p["subtask"], []).append(key)
         examples = {t: sorted(keys) for t, keys in sorted(examples.items())}
         if not examples:
             self.left_out.append((job.source, "no predictions"))
@@ -114,10 +126,11 @@ class Setting:
             data = self.rows.setdefault((record["method"], variant, row["metric"], config), {
                 "seeds": {}, "costs": [], "record": record})
             values = [np.full(len(examples[t]), np.nan) for t in examples]
-            for p in by_variant.get(variant, []):
+            scored = by_variant.get(variant, [])
+            for p, key in zip(scored, numbered_keys(scored)):
                 value = example_value(p, row["metric"])
                 if value is not None:
-                    values[slot[p["subtask"]]][order[(p["subtask"], example_key(p))]] = value
+                    values[slot[p["subtask"]]][order[(p["subtask"], key)]] = value
             if any(np.isnan(v).any() for v in values):
                 self.left_out.append((job.source, f"predictions lack {row['metric']} for variant {variant!r}"))
                 continue
