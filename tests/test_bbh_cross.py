@@ -223,3 +223,34 @@ def test_a_cross_task_job_end_to_end(tmp_path):
     for row in oracle["rows"]:
         if row["subtask"] != "all":
             assert row["fit_info"]["expert"] in by_seed[("oracle", 0)][row["subtask"]]
+
+
+# ----------------------------------------------------------------------------- the committed cross-task pool
+@needs_bbh
+def test_committed_bbh_pool_is_current_and_documented():
+    """The committed manifest vouches for what the default config trains (hyperparameters, each expert's training
+    data digest, answer format), its paired counts agree with its scores, and docs/cross_task.md lists every expert
+    with those scores (the ones that do not beat the base included). The weights are not committed: where they are
+    absent the only problem is the missing adapter files."""
+    from bench.config import PROJECT_ROOT
+    from bench.experts.manifest import expert_problem, plan_pool, read_manifest
+    from bench.run.train_experts import CLEAR_MARGIN_P
+    from tasks.metrics import paired_sign_p
+
+    cfg = compose_with(["profile=full", "device=cpu", "experts=local_bbh"]).experts
+    manifest = read_manifest(cfg, str(DATA_ROOT))
+    rows = {r["name"]: r for r in manifest["experts"]}
+    _, plans = plan_pool(cfg, str(DATA_ROOT))
+    assert [p.name for p in plans] == list(rows) == list(SUBTASKS)
+    for plan in plans:
+        problem = expert_problem(plan, rows[plan.name], Path(cfg.dir))
+        weights = Path(cfg.dir) / plan.name / "adapter_model.safetensors"
+        assert problem is None if weights.is_file() else problem == "adapter files missing", (plan.name, problem)
+    doc = (PROJECT_ROOT / "docs" / "cross_task.md").read_text()
+    for row in manifest["experts"]:
+        assert row["wins"] - row["losses"] == round(row["n_eval"] * (row["expert_score"] - row["base_score"]))
+        assert row["p_beats_base"] == pytest.approx(paired_sign_p(row["wins"], row["losses"]), rel=1e-12)
+        unclear = " (not clear)" if row["p_beats_base"] >= CLEAR_MARGIN_P else ""
+        line = (f"| {row['name']} | {row['train_examples']} | {row['base_score']:.2f} | {row['expert_score']:.2f} | "
+                f"{row['wins']} / {row['losses']} | {row['p_beats_base']:.2g}{unclear} |")
+        assert line in doc, line
