@@ -177,6 +177,7 @@ def test_compact_archives_keep_every_scored_example_and_share_the_example_list(r
     examples, columns = compact(rows)
     assert expand(columns, examples) == rows
     assert compact(rows[:-1]) is None  # variant q scored 2 of the 3 examples: not expressible, kept as rows
+    assert compact([{**rows[0], "clip_t": 0.3}]) is None  # a score beyond correctness: kept as rows
 
 
 def test_an_example_the_data_holds_twice_is_scored_twice(tmp_path):

@@ -25,6 +25,7 @@ from bench.run.records import iter_records, record_problem
 PUBLISHED_DIR = PROJECT_ROOT / "results" / "published"
 PREDICTIONS = "predictions.jsonl"
 EXAMPLES_DIR = "examples"  # per task: the example lists that compact jobs share
+TEXT_FIELDS = {"variant", "subtask", "input", "target", "generation", "answer", "correct"}  # what compact rows hold
 
 
 @dataclass
@@ -66,8 +67,11 @@ def read_archive(folder: Path, skipped: list[tuple[str, str]] | None = None) -> 
 
 
 def compact(predictions: list[dict]) -> tuple[list, dict] | None:
-    """(examples, per-variant answers and correctness) of a job's prediction rows, when every variant scored the
-    same examples in the same order; None otherwise (then the rows are published as they are)."""
+    """(examples, per-variant answers and correctness) of a job's prediction rows, when they are text rows (no
+    other fields than `TEXT_FIELDS`) and every variant scored the same examples in the same order; None otherwise
+    (then the rows are published as they are: e.g. an image task's CLIP scores)."""
+    if any(not set(row) <= TEXT_FIELDS or not {"subtask", "input", "target"} <= set(row) for row in predictions):
+        return None
     variants: dict[str, list[dict]] = {}
     for row in predictions:
         variants.setdefault(row.get("variant", ""), []).append(row)
