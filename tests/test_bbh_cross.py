@@ -254,3 +254,23 @@ def test_committed_bbh_pool_is_current_and_documented():
         line = (f"| {row['name']} | {row['train_examples']} | {row['base_score']:.2f} | {row['expert_score']:.2f} | "
                 f"{row['wins']} / {row['losses']} | {row['p_beats_base']:.2g}{unclear} |")
         assert line in doc, line
+
+
+@needs_bbh
+def test_every_nlp_method_runs_the_cross_task_protocol(tmp_path):
+    """The whole grid of conf/sweep/full_bbh_cross.yaml on the smoke profile: every method composes each unit's
+    own fold experts and lands in one leaderboard setting."""
+    from bench.analysis.leaderboard import build
+    from bench.analysis.published import read_jobs
+
+    from bench.registry import METHODS
+
+    grid = OmegaConf.load(CONF / "sweep" / "full_bbh_cross.yaml").hydra.sweeper.params.method.split(",")
+    get_method("linear")  # imports every method module
+    assert set(grid) == {n for n, cls in METHODS.items() if "nlp" in cls.domains} - {"single"}  # every method
+    runs = tmp_path / "runs"
+    bench("-m", "task=bbh_cross", "experts=smoke_cross", "task.subtasks=[navigate,logical_deduction_three_objects]",
+          "task.n_experts=5", "fit_examples=2", f"method={','.join(grid)}", runs=runs, check=False)
+    assert {r["method"]: r["status"] for r in records(runs)} == {m: "ok" for m in grid}
+    overall, _ = build(read_jobs([runs]))
+    assert set(overall["method"]) == set(grid) and overall["setting"].nunique() == 1
