@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import random
 import sys
@@ -112,7 +111,7 @@ def train_pool(cfg: DictConfig, lm: LanguageModel, data_root: str | None, force:
         return manifest
     log.info("pool %s: training %s", cfg.name, [p.name for p in todo])
     pending = {p.name for p in todo}
-    result = _merge_manifest(cfg, lm, base_fp, plans, {}, pending)  # stale rows dropped before their adapters change
+    result = _merge_manifest(cfg, lm, base_fp, plans, {}, pending, data_root)  # stale rows dropped before their adapters change
     task_cfg = OmegaConf.to_container(OmegaConf.create(cfg.train.get("task_cfg") or {}), resolve=True)
     for plan in tqdm(todo, desc=f"experts {cfg.name}"):
         start = time.perf_counter()
@@ -126,18 +125,17 @@ def train_pool(cfg: DictConfig, lm: LanguageModel, data_root: str | None, force:
         row.update(manifest_scores(lm, task, adapter, int(cfg.get("manifest_eval_limit", 20))))
         row.update(plan.record(), created=time.strftime("%Y-%m-%dT%H:%M:%S"))
         pending.discard(plan.name)
-        result = _merge_manifest(cfg, lm, base_fp, plans, {plan.name: row}, pending)
+        result = _merge_manifest(cfg, lm, base_fp, plans, {plan.name: row}, pending, data_root)
     return result
 
 
 def _merge_manifest(cfg: DictConfig, lm: LanguageModel, base_fp: str, plans: list, rows: dict,
-                    dropped: set[str]) -> dict:
-    """Under the manifest's lock: the rows on disk (of this base model) updated with `rows`, without the
-    experts in `dropped` (being retrained), written atomically, so processes training shards of one pool each
-    add their own experts' rows."""
-    path = Path(cfg.dir) / MANIFEST
-    with exclusive(path, f"writing the manifest of pool {cfg.name}"):
-        on_disk = json.loads(path.read_text()) if path.is_file() else {}
+                    dropped: set[str], data_root: str) -> dict:
+    """Under the manifest's lock: the rows on disk (of this base model; backfilled, `read_manifest`) updated with
+    `rows`, without the experts in `dropped` (being retrained), written atomically, so processes training shards
+    of one pool each add their own experts' rows."""
+    with exclusive(Path(cfg.dir) / MANIFEST, f"writing the manifest of pool {cfg.name}"):
+        on_disk = read_manifest(cfg, data_root) or {}
         merged = {r["name"]: r for r in on_disk.get("experts") or []} if on_disk.get("base_fingerprint") == base_fp else {}
         merged.update(rows)
         for name in dropped:
