@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from bench.analysis.leaderboard import build, main, write
@@ -193,3 +194,29 @@ def test_an_example_the_data_holds_twice_is_scored_twice(tmp_path):
     assert left_out == []
     row = overall.iloc[0]
     assert row["n"] == 3 and row["mean"] == pytest.approx((2 / 3 + 1) / 2)
+
+
+def test_a_method_run_at_several_budgets_gets_a_budget_curve(tmp_path):
+    """Jobs of one method at steps 20 and 80 (two configs of one setting): one curve row per budget, with the
+    leaderboard row's mean and CI; a method seen at one budget gets none; the plot is written."""
+    from bench.analysis.budget import budget_of
+
+    r = tmp_path / "runs"
+    for i, (method, params, seed, score) in enumerate([
+            ("mole", {"steps": 20, "lr": 0.001}, 0, 0.2), ("mole", {"steps": 20, "lr": 0.001}, 1, 0.4),
+            ("mole", {"steps": 80, "lr": 0.001}, 0, 0.6), ("lorahub", {"budget": 40}, 0, 0.5)]):
+        record(r / str(i), f"k{i}", method, seed, {"a": flags(score)})
+        path = r / str(i) / "record.json"
+        data = json.loads(path.read_text())
+        path.write_text(json.dumps({**data, "method_params": params}))
+    out = tmp_path / "out"
+    overall, _ = write([r], out)
+    curve = pd.read_csv(out / "budget_curves.csv")
+    assert list(curve["method"]) == ["mole", "mole"] and list(curve["budget"]) == [20, 80]
+    assert list(curve["budget_key"]) == ["steps", "steps"]
+    assert curve["mean"].tolist() == pytest.approx([0.3, 0.6])
+    mole = overall[overall.method == "mole"].set_index("config")
+    for _, row in curve.iterrows():
+        assert (row["ci_low"], row["ci_high"]) == pytest.approx(tuple(mole.loc[row["config"], ["ci_low", "ci_high"]]))
+    assert len(list((out / "plots").glob("*_budget.png"))) == 1
+    assert budget_of({"steps": None, "budget": 40}) == ("budget", 40) and budget_of({"lr": 1}) is None

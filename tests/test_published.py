@@ -1,5 +1,5 @@
 """The committed leaderboard is reproducible from the repository: `make leaderboard` on the published records
-(results/published/) rebuilds results/leaderboard.csv, leaderboard_subtasks.csv and leaderboard.md byte for byte."""
+(results/published/) rebuilds results/leaderboard.csv, leaderboard_subtasks.csv, leaderboard.md and budget_curves.csv byte for byte."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ def test_every_published_job_is_complete():
         assert {p["subtask"] for p in job.predictions} >= {r["subtask"] for r in job.record["rows"]} - {"all"}
 
 
-@pytest.mark.parametrize("name", ["leaderboard.csv", "leaderboard_subtasks.csv", "leaderboard.md"])
+@pytest.mark.parametrize("name", ["leaderboard.csv", "leaderboard_subtasks.csv", "leaderboard.md", "budget_curves.csv"])
 def test_the_committed_tables_rebuild_byte_for_byte(tmp_path, name, capsys):
     main(["--runs-dir", str(PUBLISHED_DIR), "--out", str(tmp_path), "--no-plots"])
     rebuilt = (tmp_path / name).read_bytes()

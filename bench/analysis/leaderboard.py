@@ -21,7 +21,8 @@ best single expert's mean) and, for in-domain tasks, ``normalized_own`` (mean ov
 own expert); cost columns (fit and eval seconds, peak memory, trained parameters, fit examples, per job); the
 ``command`` that re-runs the row and its ``config_key``. ``leaderboard_subtasks.csv``: the same per subtask (CIs
 from the same draws). ``leaderboard.md``: one table per setting; ``plots/``: per setting a ranking plot (means
-with CIs, the group tied with the best joined) and a quality-vs-cost plot.
+with CIs, the group tied with the best joined) and a quality-vs-cost plot; ``budget_curves.csv`` and its plots:
+methods run at several fit budgets in one setting (`bench.analysis.budget`).
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from bench.analysis import budget
 from bench.analysis.published import PUBLISHED_DIR, Job, publish, read_jobs
 from bench.analysis.stats import REPLICATES, Draws, Scores, holm, interval, paired_p, replicates
 from bench.config import PROJECT_ROOT
@@ -408,6 +410,7 @@ def write(sources: list[Path], out_dir: Path, plots: bool = True,
         for stale in (out_dir / "plots").glob("*.png"):  # the plots are exactly this build's
             stale.unlink()
         plot(overall, out_dir / "plots")
+    budget.write(overall, jobs, out_dir, plots)
     return overall, len(jobs)
 
 
