@@ -272,6 +272,8 @@ def test_missing_adapter_and_other_base_are_stale(trained, tiny_lm, tmp_path):
     cfg = pool_cfg(tmp_path)
     (Path(cfg.dir) / "boolean_expressions" / "adapter_config.json").unlink()
     assert stale_experts(cfg, tiny_lm) == {"boolean_expressions": "adapter files missing", "multistep_arithmetic": None}
+    (Path(cfg.dir) / "multistep_arithmetic" / "adapter_model.safetensors").unlink()  # a clone without the weights
+    assert stale_experts(cfg, tiny_lm)["multistep_arithmetic"] == "adapter files missing"
     path = Path(cfg.dir) / "manifest.json"
     manifest = json.loads(path.read_text())
     path.write_text(json.dumps({**manifest, "base_fingerprint": "0" * 16}))

@@ -31,6 +31,7 @@ from omegaconf import DictConfig, OmegaConf
 from bench.config import default_data_root
 from bench.errors import AdapterError, ConfigError, DataError
 from bench.files import exclusive, write_json_atomic
+from bench.lora.adapters import WEIGHTS_SAFETENSORS
 from bench.models.lm import LanguageModel
 from bench.models.loading import fingerprint
 from bench.registry import make_task
@@ -213,7 +214,10 @@ def backfill_manifest(manifest: dict, data_root: str | None) -> bool:
 
 
 def _adapter_saved(folder: Path, name: str) -> bool:
-    return (folder / name / "adapter_config.json").is_file()
+    """Whether the expert's peft folder holds its config and its weights (a clone without the weights of a pool
+    whose weights are not committed has the config alone)."""
+    expert = folder / name
+    return (expert / "adapter_config.json").is_file() and (expert / WEIGHTS_SAFETENSORS).is_file()
 
 
 def expert_problem(plan: ExpertPlan, row: dict | None, folder: Path) -> str | None:
