@@ -10,6 +10,7 @@ reader sees where each method saturates.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Callable
 
 import pandas as pd
 
@@ -28,15 +29,14 @@ def budget_of(params: dict) -> tuple[str, int] | None:
     return None
 
 
-def curves(overall: pd.DataFrame, jobs: list[Job]) -> pd.DataFrame:
-    """The leaderboard rows of every (setting, method, metric) seen at two or more budgets, with the budget."""
-    from bench.analysis.leaderboard import short_hash
-
+def curves(overall: pd.DataFrame, jobs: list[Job], config_hash: Callable[[dict], str]) -> pd.DataFrame:
+    """The leaderboard rows of every (setting, method, metric) seen at two or more budgets, with the budget
+    (`config_hash`: how the leaderboard names a job's method hyperparameters, its ``config`` column)."""
     budgets = {}
     for job in jobs:
         found = budget_of(job.record.get("method_params") or {})
         if found:
-            budgets[(job.record["method"], short_hash(job.record.get("method_params", {})))] = found
+            budgets[(job.record["method"], config_hash(job.record.get("method_params", {})))] = found
     rows = []
     for _, row in overall[overall["variant"] == ""].iterrows():
         found = budgets.get((row["method"], row["config"]))
@@ -56,8 +56,6 @@ def plot_curves(table: pd.DataFrame, out_dir: Path) -> list[Path]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from bench.analysis.leaderboard import _save
-
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = []
     for (setting, metric), group in table.groupby(["setting", "metric"], sort=False):
@@ -75,13 +73,17 @@ def plot_curves(table: pd.DataFrame, out_dir: Path) -> list[Path]:
         ax.set_title(f"budget curve · {first['task']} · {first['profile']} (setting {setting})", fontsize=9)
         ax.legend(fontsize=7)
         stem = f"{first['profile']}_{first['task']}_{setting}_{metric.replace('/', '-')}_budget.png"
-        paths.append(_save(fig, out_dir / stem))
+        fig.tight_layout()
+        fig.savefig(out_dir / stem, dpi=120, metadata={"Software": None})
+        plt.close(fig)
+        paths.append(out_dir / stem)
     return paths
 
 
-def write(overall: pd.DataFrame, jobs: list[Job], out_dir: Path, plots: bool = True) -> pd.DataFrame:
+def write(overall: pd.DataFrame, jobs: list[Job], config_hash: Callable[[dict], str], out_dir: Path,
+          plots: bool = True) -> pd.DataFrame:
     """``budget_curves.csv`` in `out_dir` (header only when no setting has a budget grid) and its plots."""
-    table = curves(overall, jobs)
+    table = curves(overall, jobs, config_hash)
     tmp = out_dir / ".budget_curves.csv.tmp"
     table.to_csv(tmp, index=False, float_format="%.6g", lineterminator="\n")
     tmp.replace(out_dir / "budget_curves.csv")

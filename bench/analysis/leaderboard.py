@@ -410,7 +410,7 @@ def write(sources: list[Path], out_dir: Path, plots: bool = True,
         for stale in (out_dir / "plots").glob("*.png"):  # the plots are exactly this build's
             stale.unlink()
         plot(overall, out_dir / "plots")
-    budget.write(overall, jobs, out_dir, plots)
+    budget.write(overall, jobs, short_hash, out_dir, plots)
     return overall, len(jobs)
 
 
