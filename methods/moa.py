@@ -296,13 +296,14 @@ class MixtureOfLoras(Method):
             raise ConfigError("method.hidden must be ≥ 0 and method.epochs ≥ 1")
 
     _cache: dict | None = None
+    _features: dict | None = None
 
     def fit_router(self, lm: LanguageModel, pool: ExpertPool, seed: int,
                    provider: Callable | None = None) -> tuple[Router, dict]:
         """Train the router on the experts' own task examples; returns it and what it used."""
         cfg = self.cfg
         texts, labels = labeled_examples(pool, int(cfg.get("examples_per_expert", 64)), seed, provider)
-        feats = hidden_features(lm, texts, int(cfg.get("feature_batch_size", 128)))
+        feats = self.expert_features(lm, pool, texts, labels, seed, provider)
         train, held = holdout_split(labels, float(cfg.get("holdout", 0.25)), seed)
         router = train_router(
             feats[train], [labels[i] for i in train], len(pool), hidden=int(cfg.get("hidden", 0)),
@@ -317,6 +318,27 @@ class MixtureOfLoras(Method):
                 "router_examples": len(train), "heldout_examples": len(held),
                 "router_params": router.num_parameters(), "epochs": int(cfg.get("epochs", 300))}
         return router, info
+
+    def expert_features(self, lm: LanguageModel, pool: ExpertPool, texts: list[str], labels: list[int],
+                        seed: int, provider: Callable | None = None) -> torch.Tensor:
+        """Features of the labeled prompts, (len(texts), d). An expert's are computed once per model and seed
+        and reused by every later router whose pool holds it (the cross-task protocol fits one per fold, each
+        from another draw of the same experts); the experts not seen yet are computed together."""
+        self._features = self._features or {}
+        rows = {i: [j for j, label in enumerate(labels) if label == i] for i in range(len(pool))}
+        keys = [(id(lm), adapter.name, seed, len(rows[i]), provider) for i, adapter in enumerate(pool)]
+        missing = [i for i, key in enumerate(keys) if key not in self._features]
+        if missing:
+            index = [j for i in missing for j in rows[i]]
+            new = hidden_features(lm, [texts[j] for j in index], int(self.cfg.get("feature_batch_size", 128)))
+            start = 0
+            for i in missing:
+                self._features[keys[i]] = new[start:start + len(rows[i])]
+                start += len(rows[i])
+        feats = torch.empty(len(texts), self._features[keys[0]].shape[1], device=self._features[keys[0]].device)
+        for i, key in enumerate(keys):
+            feats[rows[i]] = self._features[key]
+        return feats
 
     def compose(self, ctx: FitContext) -> Iterator[Composed]:
         n = self.cfg.get("n")

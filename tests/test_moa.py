@@ -141,3 +141,27 @@ def test_top_k_weighted_routing_is_a_variant(tiny_lm, task_pool, tmp_path):
 def test_bad_config():
     with pytest.raises(ConfigError):
         MixtureOfLoras(OmegaConf.create({**CFG, "top_k": 0}))
+
+
+def test_an_experts_features_are_computed_once_per_seed(tiny_lm, task_pool, monkeypatch):
+    """Routers over different draws of one pool (the cross-task folds) reuse each expert's features; the reused
+    features equal freshly computed ones, and the router is the one a fresh method would train."""
+    import methods.moa as moa
+    from bench.registry import get_method
+    from omegaconf import OmegaConf
+
+    cfg = OmegaConf.create({"name": "moa", "examples_per_expert": 6, "holdout": 0.25, "epochs": 20, "lr": 0.01})
+    calls = []
+    real = moa.hidden_features
+    monkeypatch.setattr(moa, "hidden_features", lambda lm, prompts, *a, **k: calls.append(len(prompts)) or real(lm, prompts, *a, **k))
+    method = get_method("moa")(cfg)
+    first = task_pool.subset(task_pool.names[:2])
+    second = task_pool.subset(task_pool.names[1:])
+    method.fit_router(tiny_lm, first, seed=0)
+    router, _ = method.fit_router(tiny_lm, second, seed=0)
+    assert calls == [12, 6 * (len(task_pool) - 2)]  # the shared expert's prompts are not read again
+    fresh, _ = get_method("moa")(cfg).fit_router(tiny_lm, second, seed=0)
+    for a, b in zip(router.state_dict().values(), fresh.state_dict().values()):
+        assert torch.allclose(a, b, atol=1e-5)
+    method.fit_router(tiny_lm, first, seed=1)
+    assert calls[-1] == 12  # another seed draws other examples
