@@ -274,3 +274,9 @@ def test_every_nlp_method_runs_the_cross_task_protocol(tmp_path):
     assert {r["method"]: r["status"] for r in records(runs)} == {m: "ok" for m in grid}
     overall, _ = build(read_jobs([runs]))
     assert set(overall["method"]) == set(grid) and overall["setting"].nunique() == 1
+
+
+def test_shards_refuse_a_dreambooth_pool(tmp_path):
+    proc = bench("experts=smoke_dreambooth", "+shards=2", runs=tmp_path / "runs", check=False,
+                 cmd=("-m", "bench.run.train_experts"))
+    assert proc.returncode != 0 and "+shards=2 trains language-model pools" in proc.stderr + proc.stdout

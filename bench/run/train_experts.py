@@ -37,6 +37,8 @@ def main(cfg: DictConfig) -> None:
     shard = parse_shard(cfg.get("shard"))
     shards = int(cfg.get("shards") or 1)
     if shards > 1 and shard is None:
+        if any(p.get("domain", "nlp") == "vl" for p in pools):
+            raise ConfigError(f"+shards={shards} trains language-model pools; {cfg.experts.name!r} is a DreamBooth pool")
         train_sharded([p for p in pools if p.source == "train"], shards)
         return
     model = load_model(cfg)
@@ -93,8 +95,8 @@ def train_pool_slice(cfg: DictConfig, pool: DictConfig, model, data_root: str | 
 
 def train_sharded(pools: list[DictConfig], shards: int) -> None:
     """``shards=N``: train the pools in N processes at once, each a slice of every pool (``shard=i/N``), on the
-    visible GPUs in turn (several processes share one GPU: a small model's training steps leave it idle most of
-    the time); the pools' locks are held meanwhile, so jobs that need them wait."""
+    visible GPUs in turn (with fewer GPUs than processes they share them) and with the CPU cores split between
+    them (OMP_NUM_THREADS, unless set); the pools' locks are held meanwhile, so jobs that need them wait."""
     import os
     import subprocess
     from contextlib import ExitStack
@@ -109,7 +111,8 @@ def train_sharded(pools: list[DictConfig], shards: int) -> None:
             stack.enter_context(exclusive(Path(pool.dir), f"training expert pool {pool.name}"))
         procs = []
         for i in range(shards):
-            env = {**os.environ, **({"CUDA_VISIBLE_DEVICES": str(i % gpus)} if gpus > 1 else {})}
+            env = {"OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // shards)), **os.environ,
+                   **({"CUDA_VISIBLE_DEVICES": str(i % gpus)} if gpus > 1 else {})}
             procs.append(subprocess.Popen([sys.executable, "-m", "bench.run.train_experts", *args,
                                            f"+shard={i}/{shards}"], env=env))
         failed = [i for i, proc in enumerate(procs) if proc.wait() != 0]
