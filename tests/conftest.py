@@ -130,3 +130,18 @@ def shuffle_ranks(a: LoraAdapter, seed: int) -> LoraAdapter:
         perm = torch.randperm(m.rank, generator=g)
         modules[module] = LoraModule(m.A[perm], m.B[:, perm], m.scale)
     return LoraAdapter(a.name, a.base_model, modules, task_type=a.task_type)
+
+
+def assert_composes_then_restores(lm, pool: ExpertPool, method, folded: bool = True) -> None:
+    """Each variant `method` composes from `pool` generates on `lm` with its composition in place (folded into the
+    base weights when `folded`), and the base weights are exactly back once the composition is left."""
+    from methods.base import FitContext
+
+    weight = lambda: lm.model.get_submodule(pool.module_names[0]).weight  # noqa: E731 - looked up anew each time
+    before = weight().detach().clone()
+    ctx = FitContext(model=lm, pool=pool, fit_examples=[], seed=0, prompt=lambda e: e.input, score=lambda c, e: 0.0)
+    for composed in method.compose(ctx):
+        assert composed.generate(["1 + 1 ="], max_new_tokens=2)[0] is not None
+        if folded:
+            assert not torch.equal(weight(), before)
+    assert torch.equal(weight(), before)

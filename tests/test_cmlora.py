@@ -7,11 +7,7 @@ counted), a sampling run on the tiny pipeline, config errors and the CLI smoke r
 from __future__ import annotations
 
 import cmath
-import json
 import math
-import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -19,12 +15,12 @@ import torch
 from omegaconf import OmegaConf
 
 from bench.errors import ConfigError
-from conftest import CACHE, CONF, DATA_ROOT, ROOT
+from conftest import CONF, DATA_ROOT
 from methods.base import FitContext
 from methods.cmlora import (CMLoRA, CMLoRAHooks, dominance_schedule, dominance_weights, evaluation_plan,
                             frequency_order, frequency_score, refresh_steps)
 from methods.lora_composite import CompositeHooks
-from test_vl_common import random_sd_pool, tiny_sd
+from test_vl_common import random_sd_pool, run_vl_job, tiny_sd
 
 
 def ctx_for(model, pool):
@@ -353,14 +349,7 @@ def test_defaults_are_valid_and_vl_only():
 
 @pytest.mark.skipif(not (DATA_ROOT / "dreambooth").is_dir(), reason="needs ../shared/data/dreambooth")
 def test_cli_cmlora_dreambooth_smoke(tmp_path):
-    runs = tmp_path / "runs"
-    argv = [sys.executable, "-m", "bench", "method=cmlora", "task=dreambooth", "profile=smoke_vl",
-            f"paths.runs_dir={runs}", f"paths.cache_dir={CACHE}", f"paths.data_root={DATA_ROOT}"]
-    proc = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=600,
-                          env={**os.environ, "HYDRA_FULL_ERROR": "1"})
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    (record_path,) = runs.rglob("record.json")
-    record = json.loads(record_path.read_text())
+    record, job = run_vl_job("cmlora", tmp_path / "runs")
     assert record["status"] == "ok" and record["domain"] == "vl"
     rows = [r for r in record["rows"] if r["subtask"] == "dog6+wolf_plushie+backpack"]
     assert {"clip_t", "clip_i", "clip_i/dog6"} <= {r["metric"] for r in rows}
@@ -369,7 +358,7 @@ def test_cli_cmlora_dreambooth_smoke(tmp_path):
     # profile=smoke_vl: 2 prompts × 1 image in one sampling batch of 10 steps; refresh steps 0,2,3,6,8 evaluate all
     # 3 experts, the other 5 steps the dominant one only (LoRA Composite: 30)
     assert info["compute"] == {"expert_evals": 3 * 5 + 5, "steps": 10}
-    assert len(sorted((record_path.parent / "images").rglob("*.png"))) == 2
+    assert len(sorted((job / "images").rglob("*.png"))) == 2
 
 
 def test_per_expert_text_encoder_embeddings_follow_the_schedule_too():

@@ -13,8 +13,7 @@ import pytest
 import torch
 
 from bench.errors import ConfigError
-from conftest import CONF
-from methods.base import FitContext
+from conftest import CONF, assert_composes_then_restores
 from methods.linear import dense_deltas
 from test_tsv import close, composed, make, merged, procrustes, svd_top, tolerance, toy_pool, weighted_deltas
 
@@ -196,12 +195,4 @@ def test_usage_lines():
 
 @pytest.mark.parametrize("name", ["iso_c", "iso_cts"])
 def test_on_the_tiny_llama_base_weights_are_restored(tiny_lm, make_pool, name):
-    experts = make_pool(3, ranks=[2, 4, 8], seed=4)
-    weight = tiny_lm.model.get_submodule(experts.module_names[0]).weight
-    before = weight.detach().clone()
-    ctx = FitContext(model=tiny_lm, pool=experts, fit_examples=[], seed=0, prompt=lambda e: e.input,
-                     score=lambda c, e: 0.0)
-    for result in make(name).compose(ctx):
-        assert result.generate(["1 + 1 ="], max_new_tokens=2)[0] is not None
-        assert not torch.equal(weight, before)
-    assert torch.equal(weight, before)
+    assert_composes_then_restores(tiny_lm, make_pool(3, ranks=[2, 4, 8], seed=4), make(name))

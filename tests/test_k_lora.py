@@ -5,11 +5,6 @@ its output is ``W x + s · B_sel A_sel x``; config errors name their key; the CL
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 from omegaconf import OmegaConf
@@ -17,10 +12,10 @@ from omegaconf import OmegaConf
 from bench.errors import ConfigError
 from bench.lora.adapters import LoraAdapter, LoraModule
 from bench.lora.pool import ExpertPool
-from conftest import CACHE, CONF, DATA_ROOT, ROOT
+from conftest import CONF, DATA_ROOT
 from methods.base import FitContext
 from methods.k_lora import KLora, time_scale
-from test_vl_common import random_sd_adapter, tiny_sd
+from test_vl_common import random_sd_adapter, run_vl_job, tiny_sd
 
 ATTN = (".to_q", ".to_k", ".to_v", ".to_out.0")
 
@@ -256,15 +251,7 @@ def test_refuses_a_language_model():
 
 @pytest.mark.skipif(not (DATA_ROOT / "dreambooth").is_dir(), reason="needs ../shared/data/dreambooth")
 def test_cli_k_lora_dreambooth_smoke(tmp_path):
-    runs = tmp_path / "runs"
-    argv = [sys.executable, "-m", "bench", "method=k_lora", "task=dreambooth", "profile=smoke_vl",
-            f"paths.runs_dir={runs}", f"paths.cache_dir={CACHE}", f"paths.data_root={DATA_ROOT}"]
-    proc = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "HYDRA_FULL_ERROR": "1"})
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    (record_path,) = runs.rglob("record.json")
-    record = json.loads(record_path.read_text())
-    job = record_path.parent
+    record, job = run_vl_job("k_lora", tmp_path / "runs", timeout=300)
     assert record["status"] == "ok" and record["method"] == "k_lora" and record["domain"] == "vl"
     metrics = {(r["subtask"], r["metric"]) for r in record["rows"]}
     assert {("dog6+wolf_plushie+backpack", m) for m in ("clip_t", "clip_i", "clip_i/dog6")} <= metrics

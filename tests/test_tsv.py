@@ -17,7 +17,7 @@ from bench.errors import ConfigError
 from bench.lora.adapters import LoraAdapter
 from bench.lora.pool import ExpertPool
 from bench.registry import get_method
-from conftest import CONF, random_adapter
+from conftest import CONF, assert_composes_then_restores, random_adapter
 from methods.base import FitContext
 from methods.linear import dense_deltas
 from methods.ops.spectral import lowrank_svd, polar
@@ -241,12 +241,4 @@ def test_bad_config_is_a_clear_error(field, value):
 
 
 def test_on_the_tiny_llama_base_weights_are_restored(tiny_lm, make_pool):
-    experts = make_pool(3, ranks=[2, 4, 8], seed=4)
-    weight = tiny_lm.model.get_submodule(experts.module_names[0]).weight
-    before = weight.detach().clone()
-    ctx = FitContext(model=tiny_lm, pool=experts, fit_examples=[], seed=0, prompt=lambda e: e.input,
-                     score=lambda c, e: 0.0)
-    for result in make("tsv").compose(ctx):
-        assert result.generate(["1 + 1 ="], max_new_tokens=2)[0] is not None
-        assert not torch.equal(weight, before)
-    assert torch.equal(weight, before)
+    assert_composes_then_restores(tiny_lm, make_pool(3, ranks=[2, 4, 8], seed=4), make("tsv"))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from functools import lru_cache
+from pathlib import Path
 
 import torch
 from omegaconf import OmegaConf
@@ -71,3 +72,22 @@ def images_array(images) -> torch.Tensor:
 
 
 __all__ = ["tiny_sd", "random_sd_adapter", "random_sd_pool", "tiny_clip_cfg", "task_cfg", "DATA_ROOT", "images_array"]
+
+
+def run_vl_job(method: str, runs: Path, *overrides: str, timeout: int = 600) -> tuple[dict, Path]:
+    """One `python -m bench method=<method> task=dreambooth profile=smoke_vl` job into `runs` (it must succeed):
+    its record and its folder."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    argv = [sys.executable, "-m", "bench", f"method={method}", "task=dreambooth", "profile=smoke_vl",
+            f"paths.runs_dir={runs}", f"paths.cache_dir={CACHE}", f"paths.data_root={DATA_ROOT}", *overrides]
+    proc = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, "HYDRA_FULL_ERROR": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (record_path,) = runs.rglob("record.json")
+    return json.loads(record_path.read_text()), record_path.parent

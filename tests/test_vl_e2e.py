@@ -5,17 +5,14 @@ leaderboard rows, on CPU in well under a minute; and the pool cache is reused, v
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 from omegaconf import OmegaConf
 
 from bench.errors import AdapterError
-from conftest import CACHE, CONF, DATA_ROOT, ROOT
-from test_vl_common import tiny_sd
+from conftest import CONF, DATA_ROOT
+from test_vl_common import run_vl_job, tiny_sd
 
 pytestmark = pytest.mark.skipif(not (DATA_ROOT / "dreambooth").is_dir(), reason="needs ../shared/data/dreambooth")
 # what profile=smoke_vl selects, spelled out (harmless if the profile already sets them)
@@ -28,14 +25,7 @@ def test_cli_lora_switch_dreambooth_smoke(tmp_path):
     from bench.analysis.published import read_jobs
 
     runs = tmp_path / "runs"
-    argv = [sys.executable, "-m", "bench", "method=lora_switch", "task=dreambooth", "profile=smoke_vl",
-            f"paths.runs_dir={runs}", f"paths.cache_dir={CACHE}", f"paths.data_root={DATA_ROOT}", *SMOKE_VL]
-    proc = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "HYDRA_FULL_ERROR": "1"})
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    (record_path,) = runs.rglob("record.json")
-    record = json.loads(record_path.read_text())
-    job = record_path.parent
+    record, job = run_vl_job("lora_switch", runs, *SMOKE_VL, timeout=300)
     assert record["status"] == "ok" and record["domain"] == "vl" and record["meaningful"] is False
     assert record["experts"] == ["dog6", "wolf_plushie", "backpack"]
     metrics = {(r["subtask"], r["metric"]) for r in record["rows"]}

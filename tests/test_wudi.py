@@ -15,7 +15,7 @@ import torch
 
 from bench.errors import ConfigError
 from bench.lora.adapters import LoraAdapter, LoraModule
-from methods.base import FitContext
+from conftest import assert_composes_then_restores
 from methods.linear import dense_deltas
 from methods.ops.merge_ops import stack_factors
 from methods.wudi import Interference
@@ -197,15 +197,7 @@ def test_bad_config_is_a_clear_error(field, value):
 
 
 def test_on_the_tiny_llama_base_weights_are_restored(tiny_lm, make_pool):
-    experts = make_pool(3, ranks=[2, 4, 3], seed=5)
-    weight = tiny_lm.model.get_submodule(experts.module_names[0]).weight
-    before = weight.detach().clone()
-    ctx = FitContext(model=tiny_lm, pool=experts, fit_examples=[], seed=0, prompt=lambda e: e.input,
-                     score=lambda c, e: 0.0)
-    for result in make_method("wudi", steps=5).compose(ctx):
-        assert result.generate(["1 + 1 ="], max_new_tokens=2)[0] is not None
-        assert not torch.equal(weight, before)
-    assert torch.equal(weight, before)
+    assert_composes_then_restores(tiny_lm, make_pool(3, ranks=[2, 4, 3], seed=5), make_method("wudi", steps=5))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
