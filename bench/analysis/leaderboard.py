@@ -75,9 +75,10 @@ def numbered_keys(rows: list[dict]) -> list[tuple]:
     seen: dict[tuple, int] = {}
     out = []
     for row in rows:
-        key = (row.get("subtask"), *example_key(row))
-        seen[key] = seen.get(key, -1) + 1
-        out.append((*example_key(row), str(seen[key])))
+        key = example_key(row)
+        slot = (row.get("subtask"), *key)
+        seen[slot] = seen.get(slot, -1) + 1
+        out.append((*key, str(seen[slot])))
     return out
 
 
