@@ -220,3 +220,20 @@ def test_a_method_run_at_several_budgets_gets_a_budget_curve(tmp_path):
         assert (row["ci_low"], row["ci_high"]) == pytest.approx(tuple(mole.loc[row["config"], ["ci_low", "ci_high"]]))
     assert len(list((out / "plots").glob("*_budget.png"))) == 1
     assert budget_of({"steps": None, "budget": 40}) == ("budget", 40) and budget_of({"lr": 1}) is None
+
+
+def test_per_task_wins_count_each_subtasks_best_and_the_rows_tied_with_it(tmp_path):
+    r = tmp_path / "runs"
+    n = 40
+    record(r / "1", "k1", "a_first", 0, {"a": flags(0.9, n), "b": flags(0.1, n)})
+    record(r / "2", "k2", "b_first", 0, {"a": flags(0.1, n), "b": flags(0.9, n)})
+    # the same answers as a_first on "a" (an exact tie: both best), 34 vs 36 of 40 on "b" (not significantly below)
+    record(r / "3", "k3", "close", 0, {"a": flags(0.9, n), "b": flags(0.85, n)})
+    overall, per_subtask = build(read_jobs([r]))
+    wins = overall.set_index("method")[["subtasks_best", "subtasks_tied"]]
+    assert wins.loc["a_first"].tolist() == [1, 1]  # 4 of 40 on "b" against 36: significantly below
+    assert wins.loc["b_first"].tolist() == [1, 1]
+    assert wins.loc["close"].tolist() == [1, 2]
+    b = per_subtask[per_subtask.subtask == "b"].set_index("method")
+    assert b.loc["b_first", "p_vs_best"] is None or pd.isna(b.loc["b_first", "p_vs_best"])
+    assert b.loc["close", "p_vs_best"] >= 0.05 > b.loc["a_first", "p_vs_best"]

@@ -12,17 +12,19 @@ target); a job whose examples differ is left out with a message rather than aver
 different configs in one setting gives two rows (`config` column: a hash of `method_params`).
 
 **Columns** (`leaderboard.csv`, one row per setting × method × variant × metric; macro average over subtasks):
-``mean`` (over seeds of the macro average), ``ci_low``/``ci_high`` (95 % bootstrap over examples and seeds,
-paired across the methods of a setting: `bench.analysis.stats`), ``seeds``, ``n`` (eval examples per seed),
-``p_vs_reference`` (against `linear`, MoLE's NLA baseline), ``p_vs_best_single`` (against the best `single`
-expert), ``p_vs_best`` (against the setting's best row), each Holm-corrected over the setting's rows;
-``tied_with_best`` (p_vs_best ≥ 0.05: not significantly below the best); ``best_single``/``normalized`` (÷ the
-best single expert's mean) and, for in-domain tasks, ``normalized_own`` (mean over subtasks of ÷ that subtask's
-own expert); cost columns (fit and eval seconds, peak memory, trained parameters, fit examples, per job); the
-``command`` that re-runs the row and its ``config_key``. ``leaderboard_subtasks.csv``: the same per subtask (CIs
-from the same draws). ``leaderboard.md``: one table per setting; ``plots/``: per setting a ranking plot (means
-with CIs, the group tied with the best joined) and a quality-vs-cost plot; ``budget_curves.csv`` and its plots:
-methods run at several fit budgets in one setting (`bench.analysis.budget`).
+``mean`` (over seeds of the macro average), ``ci_low``/``ci_high`` (95 % bootstrap over examples and seeds, paired
+across the methods of a setting: `bench.analysis.stats`), ``seeds``, ``n`` (eval examples per seed),
+``p_vs_reference`` (against `linear`, MoLE's NLA baseline), ``p_vs_best_single`` (against the best `single` expert),
+``p_vs_best`` (against the setting's best row), each Holm-corrected over the setting's rows; ``tied_with_best``
+(p_vs_best ≥ 0.05: not significantly below the best); ``subtasks_best`` / ``subtasks_tied`` (the subtasks where the
+row has the highest mean / is not significantly below that subtask's best, Holm within the subtask: the per-task
+wins); ``best_single``/``normalized`` (÷ the best single expert's mean) and, for in-domain tasks, ``normalized_own``
+(mean over subtasks of ÷ that subtask's own expert); cost columns (fit and eval seconds, peak memory, trained
+parameters, fit examples, per job); the ``command`` that re-runs the row (`bench.analysis.rerun`) and its
+``config_key``. ``leaderboard_subtasks.csv``: the same per subtask (CIs from the same draws; ``p_vs_best``, ``best``,
+``tied_with_best`` against that subtask's best row). ``leaderboard.md``: one table per setting; ``plots/``: per
+setting a ranking plot (means with CIs, the group tied with the best joined) and a quality-vs-cost plot;
+``budget_curves.csv`` and its plots: methods run at several fit budgets in one setting (`bench.analysis.budget`).
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ import pandas as pd
 
 from bench.analysis import budget
 from bench.analysis.published import PUBLISHED_DIR, Job, publish, read_jobs
+from bench.analysis.rerun import command
 from bench.analysis.stats import REPLICATES, Draws, Scores, holm, interval, paired_p, replicates
 from bench.config import PROJECT_ROOT
 from bench.run.records import LOCATION_KEYS
@@ -144,16 +147,6 @@ class Setting:
                                   "fit_examples_used": row.get("fit_examples"), "fit_steps": row.get("fit_steps")})
 
 
-def command(record: dict) -> str:
-    config = record.get("config", {})
-    task = config.get("task", {})
-    parts = [f"method={record['method']}", f"task={record['task']}", f"profile={record['profile']}",
-             f"experts={config.get('experts', {}).get('name', '?')}", f"fit_examples={config.get('fit_examples')}"]
-    if task.get("limit") is not None:
-        parts.append(f"task.limit={task['limit']}")
-    return "python -m bench " + " ".join(parts)
-
-
 def build_setting(setting: Setting) -> tuple[pd.DataFrame, pd.DataFrame]:
     """(overall rows, per-subtask rows) of one setting with CIs and Holm-corrected paired p-values."""
     subtasks = list(setting.examples)
@@ -179,6 +172,7 @@ def build_setting(setting: Setting) -> tuple[pd.DataFrame, pd.DataFrame]:
             return holm({k: paired_p(reps[k], reps[against]) for k in rows if k != against})
 
         p_ref, p_single, p_best = family(reference), family(best_single), family(best)
+        by_subtask = subtask_stats(rows, scores, draws)
         for k in rows:
             low, high = interval(reps[k])
             costs = pd.DataFrame(setting.rows[k]["costs"]).mean(numeric_only=True)
@@ -191,18 +185,33 @@ def build_setting(setting: Setting) -> tuple[pd.DataFrame, pd.DataFrame]:
                 "std_seeds": float(np.std(seed_means, ddof=1)) if len(seed_means) > 1 else 0.0,
                 "p_vs_reference": p_ref.get(k), "p_vs_best_single": p_single.get(k), "p_vs_best": p_best.get(k),
                 "tied_with_best": k == best or p_best.get(k, 0.0) >= ALPHA,
+                "subtasks_best": sum(s["best"] for s in by_subtask[k].values()),
+                "subtasks_tied": sum(s["tied_with_best"] for s in by_subtask[k].values()),
                 **{c: costs.get(c) for c in COSTS}, "meaningful": record.get("meaningful", True),
                 "command": command(record), "config_key": record.get("config_key", record["job_key"]),
             })
             for t in subtasks:
-                low, high = interval(replicates(scores[k], draws, [t]))
                 per_subtask.append({
                     **_setting_columns(setting), "subtask": t, "method": k[0], "variant": k[1], "metric": metric,
-                    "config": k[3], "mean": float(np.mean([seed[subtasks.index(t)].mean()
-                                                           for seed in scores[k].values])),
-                    "ci_low": low, "ci_high": high, "seeds": len(scores[k].values), "n": len(setting.examples[t]),
+                    "config": k[3], **by_subtask[k][t], "seeds": len(scores[k].values), "n": len(setting.examples[t]),
                 })
     return pd.DataFrame(overall), pd.DataFrame(per_subtask)
+
+
+def subtask_stats(rows: list[tuple], scores: dict[tuple, Scores], draws: Draws) -> dict[tuple, dict[str, dict]]:
+    """Per row and subtask: mean over seeds, 95 % CI, and the Holm-corrected paired p-value against that subtask's
+    best row (``best``: the highest mean, exact ties included; ``tied_with_best``: not significantly below it)."""
+    out: dict[tuple, dict[str, dict]] = {k: {} for k in rows}
+    for i, t in enumerate(scores[rows[0]].subtasks):
+        reps = {k: replicates(scores[k], draws, [t]) for k in rows}
+        means = {k: float(np.mean([seed[i].mean() for seed in scores[k].values])) for k in rows}
+        top = max(rows, key=lambda k: (means[k], k))
+        p_top = holm({k: paired_p(reps[k], reps[top]) for k in rows if k != top})
+        for k in rows:
+            low, high = interval(reps[k])
+            out[k][t] = {"mean": means[k], "ci_low": low, "ci_high": high, "p_vs_best": p_top.get(k),
+                         "best": means[k] == means[top], "tied_with_best": k == top or p_top[k] >= ALPHA}
+    return out
 
 
 def _setting_columns(setting: Setting) -> dict:
@@ -274,7 +283,9 @@ def markdown(overall: pd.DataFrame) -> str:
              "Per setting: mean over seeds of the macro average over subtasks, 95 % CI (bootstrap over examples and "
              "seeds, paired across methods), paired p-values (Holm-corrected within the setting) against the linear "
              "merge and the best single expert; ● = not significantly below the setting's best (p ≥ 0.05), so "
-             "rows marked ● are tied and not ranked among themselves. Generated by `python -m bench.analysis.leaderboard`.",
+             "rows marked ● are tied and not ranked among themselves. Tasks best / tied: the subtasks where the row "
+             "has the highest mean, and where it is not significantly below that subtask's best (Holm within the "
+             "subtask). Generated by `python -m bench.analysis.leaderboard`.",
              ""]
     for key, group in overall.groupby("setting", sort=False):
         first = group.iloc[0]
@@ -288,6 +299,7 @@ def markdown(overall: pd.DataFrame) -> str:
                                zip(group["mean"], group["ci_low"], group["ci_high"])],
             "p vs linear": group["p_vs_reference"].map(_p), "p vs best single": group["p_vs_best_single"].map(_p),
             "norm": group["normalized"].map(lambda v: "" if pd.isna(v) else f"{v:.2f}"),
+            "tasks best / tied": [f"{b} / {t}" for b, t in zip(group["subtasks_best"], group["subtasks_tied"])],
             "seeds": group["seeds"], "n": group["n"],
             "fit ex": group["fit_examples_used"].map(_count), "steps": group["fit_steps"].map(_count),
             "fit s": group["fit_seconds"].map(lambda v: "" if pd.isna(v) else f"{v:.1f}"),
