@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -147,8 +148,19 @@ class Setting:
                                   "fit_examples_used": row.get("fit_examples"), "fit_steps": row.get("fit_steps")})
 
 
-def build_setting(setting: Setting) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """(overall rows, per-subtask rows) of one setting with CIs and Holm-corrected paired p-values."""
+@dataclass
+class Resampled:
+    """A setting's rows (sorted keys), their per-example scores, the shared bootstrap draws (seeded by the setting
+    key: every tool resamples a setting alike), each row's replicates of the macro average and its mean."""
+
+    keys: list[tuple]
+    scores: dict[tuple, Scores]
+    draws: Draws
+    reps: dict[tuple, np.ndarray]
+    means: dict[tuple, float]
+
+
+def resample(setting: Setting) -> Resampled:
     subtasks = list(setting.examples)
     keys = sorted(setting.rows)
     scores = {k: Scores(subtasks, [setting.rows[k]["seeds"][s] for s in sorted(setting.rows[k]["seeds"])])
@@ -156,8 +168,15 @@ def build_setting(setting: Setting) -> tuple[pd.DataFrame, pd.DataFrame]:
     max_seeds = max(len(s.values) for s in scores.values())
     draws = Draws.make({t: len(v) for t, v in setting.examples.items()}, max_seeds, REPLICATES,
                        int(setting.key, 16) % 2**32)
-    reps = {k: replicates(scores[k], draws) for k in keys}
-    means = {k: scores[k].statistic() for k in keys}
+    return Resampled(keys, scores, draws, {k: replicates(scores[k], draws) for k in keys},
+                     {k: scores[k].statistic() for k in keys})
+
+
+def build_setting(setting: Setting) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(overall rows, per-subtask rows) of one setting with CIs and Holm-corrected paired p-values."""
+    subtasks = list(setting.examples)
+    r = resample(setting)
+    keys, scores, draws, reps, means = r.keys, r.scores, r.draws, r.reps, r.means
     overall, per_subtask = [], []
     for metric in sorted({k[2] for k in keys}):
         rows = [k for k in keys if k[2] == metric]
@@ -243,13 +262,19 @@ def normalize(overall: pd.DataFrame, per_subtask: pd.DataFrame) -> tuple[pd.Data
     return overall, per_subtask
 
 
-def build(jobs: list[Job], left_out: list[tuple[str, str]] | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """(overall, per-subtask) tables of `jobs`, settings in key order, rows by mean within a setting."""
+def settings_of(jobs: list[Job]) -> dict[str, Setting]:
+    """`jobs` grouped by setting (module docstring), keyed by its short hash."""
     settings: dict[str, Setting] = {}
     for job in jobs:
         fields = setting_of(job.record)
         key = short_hash(fields)
         settings.setdefault(key, Setting(key, fields)).add(job)
+    return settings
+
+
+def build(jobs: list[Job], left_out: list[tuple[str, str]] | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(overall, per-subtask) tables of `jobs`, settings in key order, rows by mean within a setting."""
+    settings = settings_of(jobs)
     overall, per_subtask = [], []
     for key in sorted(settings):
         setting = settings[key]

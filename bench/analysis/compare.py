@@ -1,0 +1,79 @@
+"""`python -m bench.analysis.compare --task bbh_cross mole lorahub linear`: planned pairwise comparisons of chosen
+methods within each setting of a task — every pair's difference of means, its 95 % CI and the paired bootstrap
+p-value, Holm-corrected over the pairs asked for (a small planned family keeps its power; the leaderboard tests each
+row against linear, the best single expert and the best only).
+
+Rows, replicates and draws are the leaderboard's (`bench.analysis.leaderboard.resample`), so a CI or p-value here
+agrees with the leaderboard's for the same pair. Reads the published records (or ``--runs-dir``); ``--out`` writes
+the table as CSV too.
+"""
+
+from __future__ import annotations
+
+import argparse
+from itertools import combinations
+from pathlib import Path
+
+import pandas as pd
+
+from bench.analysis.leaderboard import ALPHA, _setting_columns, resample, settings_of
+from bench.analysis.published import PUBLISHED_DIR, read_jobs
+from bench.analysis.stats import holm, interval, paired_p
+from bench.errors import ConfigError
+
+
+def compare(jobs, task: str, methods: list[str], metric: str | None = None) -> pd.DataFrame:
+    """One row per pair of `methods` (higher mean first) in every setting of `task` holding at least two of them."""
+    out = []
+    for setting in settings_of(jobs).values():
+        if setting.fields["task"].get("name") != task or not setting.rows:
+            continue
+        r = resample(setting)
+        chosen = [k for k in r.keys if k[0] in methods and not k[1] and (metric is None or k[2] == metric)]
+        by_metric: dict[str, list[tuple]] = {}
+        for k in chosen:
+            by_metric.setdefault(k[2], []).append(k)
+        for m, rows in by_metric.items():
+            pairs = [tuple(sorted(p, key=lambda k: (r.means[k], k), reverse=True)) for p in combinations(rows, 2)]
+            p_adj = holm({i: paired_p(r.reps[a], r.reps[b]) for i, (a, b) in enumerate(pairs)})
+            for i, (a, b) in enumerate(pairs):
+                low, high = interval(r.reps[a] - r.reps[b])
+                out.append({**_setting_columns(setting), "metric": m, "higher": _label(a, rows), "lower": _label(b, rows),
+                            "difference": r.means[a] - r.means[b], "ci_low": low, "ci_high": high,
+                            "p_holm": p_adj[i], "significant": p_adj[i] < ALPHA,
+                            "seeds": f"{len(r.scores[a].values)}/{len(r.scores[b].values)}"})
+    return pd.DataFrame(out)
+
+
+def _label(key: tuple, rows: list[tuple]) -> str:
+    """The method, with its config hash when the method has several configs among `rows`."""
+    several = sum(k[0] == key[0] for k in rows) > 1
+    return f"{key[0]} ({key[3]})" if several else key[0]
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("methods", nargs="+", help="two or more method names")
+    parser.add_argument("--task", required=True)
+    parser.add_argument("--metric", default=None)
+    parser.add_argument("--runs-dir", type=Path, action="append", default=None)
+    parser.add_argument("--out", type=Path, default=None, help="also write the table to this CSV")
+    args = parser.parse_args(argv)
+    if len(set(args.methods)) < 2:
+        raise ConfigError(f"compare needs two or more distinct methods, got {args.methods}")
+    table = compare(read_jobs(args.runs_dir or [PUBLISHED_DIR]), args.task, list(dict.fromkeys(args.methods)),
+                    args.metric)
+    if table.empty:
+        raise SystemExit(f"no setting of task {args.task!r} has two of {args.methods} (published records"
+                         f"{'' if not args.runs_dir else ' in ' + ', '.join(map(str, args.runs_dir))})")
+    view = table.assign(**{"difference [95% CI]": [f"{d:+.3f} [{lo:+.3f}, {hi:+.3f}]" for d, lo, hi in
+                                                    zip(table["difference"], table["ci_low"], table["ci_high"])]})
+    print(view[["setting", "metric", "higher", "lower", "difference [95% CI]", "p_holm", "significant", "seeds"]]
+          .to_markdown(index=False, floatfmt=".3f"))
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        table.to_csv(args.out, index=False, float_format="%.6g", lineterminator="\n")
+
+
+if __name__ == "__main__":
+    main()

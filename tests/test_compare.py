@@ -1,0 +1,46 @@
+"""Planned pairwise comparisons (bench/analysis/compare.py) on hand-made records: which of a pair is higher, its
+difference and CI, Holm over the pairs asked for, other tasks left out, and a clear error for one method."""
+
+from __future__ import annotations
+
+import pytest
+
+from bench.analysis.compare import compare, main
+from bench.analysis.published import read_jobs
+from bench.errors import ConfigError
+from test_leaderboard import flags, record
+
+N = 40
+
+
+@pytest.fixture
+def jobs(tmp_path):
+    r = tmp_path / "runs"
+    for seed in (0, 1):
+        record(r / f"hi{seed}", f"h{seed}", "high", seed, {"a": flags(0.9, N), "b": flags(0.8, N)})
+        record(r / f"lo{seed}", f"l{seed}", "low", seed, {"a": flags(0.1, N), "b": flags(0.2, N)})
+        record(r / f"tw{seed}", f"t{seed}", "twin", seed, {"a": flags(0.1, N), "b": flags(0.2, N)})
+    return read_jobs([r])
+
+
+def test_pairs_are_ordered_tested_and_holm_corrected(jobs):
+    table = compare(jobs, "t", ["low", "high", "twin"]).set_index(["higher", "lower"])
+    assert len(table) == 3  # three pairs, one family
+    far = table.loc[("high", "low")]
+    assert far["difference"] == pytest.approx(0.85 - 0.15)
+    assert far["ci_low"] > 0 and far["significant"] and far["p_holm"] < 0.05
+    # identical answers: no difference, p = 1 (Holm never lowers it)
+    same = table.loc[[i for i in table.index if set(i) == {"low", "twin"}][0]]
+    assert same["difference"] == 0 and same["p_holm"] == 1.0 and not same["significant"]
+    assert set(table["seeds"]) == {"2/2"}
+
+
+def test_only_the_named_task_and_methods(jobs):
+    assert compare(jobs, "other_task", ["low", "high"]).empty
+    table = compare(jobs, "t", ["high", "low"])
+    assert table[["higher", "lower"]].values.tolist() == [["high", "low"]]
+
+
+def test_one_method_is_a_clear_error():
+    with pytest.raises(ConfigError, match="two or more distinct methods"):
+        main(["linear", "linear", "--task", "bbh_cross"])
