@@ -5,8 +5,10 @@ Order of work:
    raises `BenchError` before anything is loaded or written.
 2. `find_records` skips a job whose record exists with status ok (unless `force=true`): same config and same
    input digests (`bench.run.inputs`); when only the inputs differ from an earlier record, the log says which.
-3. `execute` runs; a failure there writes a record with status "failed" and the error (see `run`), so a
-   sweep goes on and a re-run retries only that job.
+3. A record with status "running" is written, then `execute` runs unit by unit, logging each finished unit
+   (`bench.run.resume`): an attempt that was killed or failed leaves its finished units to the next run of the
+   same job, which takes them instead of redoing them. A failure writes a record with status "failed" and the
+   error (see `run`), so a sweep goes on and a re-run retries only that job.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from bench.run.records import (
     RECORD_FILE, find_records, git_sha, input_key, job_config, job_key, library_versions,
 )
 from bench.registry import get_method, get_task
+from bench.run.resume import UnitLog, finished_units, unit_count
 from bench.run.tracking import log_record
 from methods.base import Composed, FitContext, Method, Timer
 from tasks.base import Task
@@ -64,8 +67,10 @@ def run(cfg: DictConfig, output_dir: str | Path, record_input_errors: bool = Fal
     """Run (or skip) the job `cfg`; return its record.
 
     A bad input found while loading (a missing or corrupt adapter, adapters of another base model) raises
-    `BenchError` and writes nothing, unless `record_input_errors` (sweeps: every failed job leaves a record
-    so the sweep summary and the next re-run see it). Any other failure always writes a failed record.
+    `BenchError` and leaves no record, unless `record_input_errors` (sweeps: every failed job leaves a record
+    so the sweep summary and the next re-run see it) or units had finished (kept for resuming). Any other failure
+    always writes a failed record; a killed job leaves its record at status running. Either way the next run of
+    the job takes the units it finished (`bench.run.resume`; not with ``force=true``).
     """
     from bench.run.inputs import changed, describe, job_inputs
 
@@ -84,6 +89,7 @@ def run(cfg: DictConfig, output_dir: str | Path, record_input_errors: bool = Fal
             what = describe(changed(earlier.get("inputs", {}), inputs))
             log.info("re-running job %s: %s changed since %s", config_key, what, earlier["_path"])
     output_dir = Path(output_dir)
+    resumed_from, carried = (None, {}) if cfg.get("force", False) else finished_units(runs_dir, key)
     record = {
         "job_key": key, "config_key": config_key, "inputs": inputs, "status": "running", "profile": cfg.profile.name, "method": cfg.method.name,
         "method_params": method.params(), "task": cfg.task.name, "domain": task.domain,
@@ -91,17 +97,23 @@ def run(cfg: DictConfig, output_dir: str | Path, record_input_errors: bool = Fal
         "meaningful": bool(cfg.profile.meaningful), "git_sha": git_sha(), "versions": library_versions(),
         "config": job_config(cfg), "started_at": _now(),
     }
+    if carried:
+        log.info("resuming job %s: %d finished unit(s) from %s", key, len(carried), resumed_from)
+        record["resumed_units"] = {"from": resumed_from, "units": sorted(carried)}
+    write_json_atomic(output_dir / RECORD_FILE, record)  # status running: a killed attempt is resumable
     try:
-        record.update(execute(cfg, method, task, output_dir))
+        record.update(execute(cfg, method, task, output_dir, carried))
         record["status"] = "ok"
         after = job_inputs(cfg, task)  # a pool this job trained is part of its key from now on
         if after != inputs:
             record.update(inputs=after, job_key=input_key(config_key, after))
     except Exception as exc:  # the job failed: record it (see `run`), re-raise for the CLI to report
-        if record_input_errors or not isinstance(exc, BenchError):
+        if record_input_errors or not isinstance(exc, BenchError) or unit_count(output_dir):
             record.update(status="failed", error=f"{type(exc).__name__}: {exc}", traceback=traceback.format_exc())
             record["finished_at"] = _now()
             write_json_atomic(output_dir / RECORD_FILE, record)
+        else:  # a bad input found while loading leaves no record
+            (output_dir / RECORD_FILE).unlink(missing_ok=True)
         raise
     record["finished_at"] = _now()
     write_json_atomic(output_dir / RECORD_FILE, record)
@@ -109,7 +121,10 @@ def run(cfg: DictConfig, output_dir: str | Path, record_input_errors: bool = Fal
     return record
 
 
-def execute(cfg: DictConfig, method: Method, task: Task, output_dir: Path) -> dict:
+def execute(cfg: DictConfig, method: Method, task: Task, output_dir: Path,
+            carried: dict[str, dict] | None = None) -> dict:
+    """Fit and score every unit of `task` (units in `carried`, finished by an earlier attempt, are taken from it;
+    each unit finished here is logged to the folder's units file as it ends: `bench.run.resume`)."""
     from bench.experts.pools import load_pool
 
     device = _reset_peak_memory(cfg.device)
@@ -118,25 +133,36 @@ def execute(cfg: DictConfig, method: Method, task: Task, output_dir: Path) -> di
         pool = load_pool(cfg.experts, model, cfg.paths.get("data_root")).sample(cfg.experts.get("n"), int(cfg.seed))
     if hasattr(task, "output_dir"):
         task.output_dir = output_dir
+    carried = carried or {}
+    unit_log = UnitLog(output_dir, carried)
     rows, predictions = [], []
     for unit in task.fit_units():
+        # drawn for every unit, carried ones too: the task's record info (e.g. each unit's experts) stays whole
         fit = task.fit_examples(int(cfg.fit_examples), int(cfg.seed), unit) if cfg.fit_examples else []
         # a DreamBooth set composes its subjects; a cross-task unit, the experts of other task families
         unit_pool = task.unit_pool(unit, pool, int(cfg.seed))
         ctx = FitContext(model=model, pool=unit_pool, fit_examples=fit, seed=int(cfg.seed), prompt=task.prompt,
                          score=lambda composed, examples: task.score_examples(composed, examples)[0],
                          unit="+".join(unit))
+        if ctx.unit in carried:
+            rows += carried[ctx.unit]["rows"]
+            predictions += carried[ctx.unit]["predictions"]
+            continue
+        unit_rows, unit_predictions = [], []
         for composed in method.compose(ctx):
             with Timer() as eval_timer:
                 scores, preds = task.evaluate(composed, unit)
             report = composed.report
             for score in scores:
-                rows.append({"variant": composed.variant, **asdict(score), "unit": ctx.unit,
-                             "fit_examples": report.examples, "fit_steps": report.steps,
-                             "fit_seconds": report.seconds, "eval_seconds": eval_timer.seconds,
-                             "trained_params": report.trained_params, "fit_info": report.info})
-            predictions.extend({"variant": composed.variant, **p} for p in preds)
+                unit_rows.append({"variant": composed.variant, **asdict(score), "unit": ctx.unit,
+                                  "fit_examples": report.examples, "fit_steps": report.steps,
+                                  "fit_seconds": report.seconds, "eval_seconds": eval_timer.seconds,
+                                  "trained_params": report.trained_params, "fit_info": report.info})
+            unit_predictions.extend({"variant": composed.variant, **p} for p in preds)
             _save_composed(cfg, composed, output_dir, ctx.unit)
+        unit_log.add(ctx.unit, unit_rows, unit_predictions)
+        rows += unit_rows
+        predictions += unit_predictions
     rows.extend(macro_rows(rows))
     _write_predictions(output_dir, predictions)
     return {
