@@ -28,6 +28,9 @@ def test_the_page_is_self_contained(page):
     assert "http://" not in text and "https://" not in text  # opens offline, from disk or any static host
     assert text.count("data:image/png;base64,") == 2 and "per subtask" in text
     assert "python -m bench method=ties task=t profile=p" in text
+    assert "<th data-name=\"subtasks_tied\">tasks tied</th>" in text
+    single_on_a = text.split("<td class=text>a</td>")[1].split("</tr>")[0]  # drill-down row of subtask a
+    assert "0.500 [" in single_on_a and single_on_a.count("●") >= 1  # the subtask's best is marked
 
 
 def test_the_page_renders_and_sorts_in_headless_chromium(page, tmp_path):

@@ -64,6 +64,8 @@ COLUMNS = [  # (name, header, numeric, format)
     ("p_vs_reference", "p vs linear", True, lambda v: "" if pd.isna(v) else f"{v:.3f}"),
     ("p_vs_best_single", "p vs best single", True, lambda v: "" if pd.isna(v) else f"{v:.3f}"),
     ("normalized", "norm", True, lambda v: "" if pd.isna(v) else f"{v:.2f}"),
+    ("subtasks_best", "tasks best", True, lambda v: "" if pd.isna(v) else f"{v:g}"),
+    ("subtasks_tied", "tasks tied", True, lambda v: "" if pd.isna(v) else f"{v:g}"),
     ("seeds", "seeds", True, str), ("n", "n", True, str),
     ("fit_examples_used", "fit ex", True, lambda v: "" if pd.isna(v) else f"{v:g}"),
     ("fit_steps", "steps", True, lambda v: "" if pd.isna(v) else f"{v:g}"),
@@ -96,8 +98,10 @@ def _table(group: pd.DataFrame) -> str:
 
 def _subtasks(group: pd.DataFrame) -> str:
     labels = [m if not v else f"{m}[{v}]" for m, v in zip(group["method"], group["variant"])]
-    group = group.assign(label=labels, cell=[f"{m:.3f} [{lo:.3f}, {hi:.3f}]" for m, lo, hi in
-                                             zip(group["mean"], group["ci_low"], group["ci_high"])])
+    tied = group["tied_with_best"] if "tied_with_best" in group else [False] * len(group)
+    group = group.assign(label=labels, cell=[f"{m:.3f} [{lo:.3f}, {hi:.3f}]{' ●' if str(t) == 'True' else ''}"
+                                             for m, lo, hi, t in zip(group["mean"], group["ci_low"],
+                                                                     group["ci_high"], tied)])
     wide = group.pivot_table(index="subtask", columns="label", values="cell", aggfunc="first", sort=False)
     head = "<th class=text>subtask</th>" + "".join(f"<th>{html.escape(c)}</th>" for c in wide.columns)
     body = "".join("<tr><td class=text>" + html.escape(str(t)) + "</td>"
@@ -128,7 +132,9 @@ def render(overall: pd.DataFrame, per_subtask: pd.DataFrame, plots_dir: Path) ->
     note = ("Mean over seeds of the macro average over subtasks; 95 % CI from a bootstrap over examples and seeds, "
             "paired across the methods of a setting; p-values of paired bootstraps, Holm-corrected within a "
             "setting; rows marked ● (green) are not significantly below the setting's best and are not ranked "
-            "among themselves. Click a column to sort. Every row's command re-runs it.")
+            "among themselves; tasks best / tied: the subtasks where a row has the highest mean / is not "
+            "significantly below that subtask's best (● in the per-subtask table). Click a column to sort. Every "
+            "row's command re-runs it.")
     return (f"<!doctype html><html lang=en><head><meta charset=utf-8><title>LoRA composition leaderboard</title>"
             f"<style>{STYLE}</style></head><body><h1>LoRA composition leaderboard</h1>"
             f'<p class="note">{html.escape(note)}</p>{"".join(sections)}<script>{SCRIPT}</script></body></html>\n')
