@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from bench.analysis.leaderboard import ALPHA, _setting_columns, resample, settings_of
+from bench.analysis.leaderboard import ALPHA, resample, setting_columns, settings_of
 from bench.analysis.published import PUBLISHED_DIR, read_jobs
 from bench.analysis.stats import holm, interval, paired_p
 from bench.errors import ConfigError
@@ -38,8 +38,9 @@ def compare(jobs, task: str, methods: list[str], metric: str | None = None) -> p
             p_adj = holm({i: paired_p(r.reps[a], r.reps[b]) for i, (a, b) in enumerate(pairs)})
             for i, (a, b) in enumerate(pairs):
                 low, high = interval(r.reps[a] - r.reps[b])
-                out.append({**_setting_columns(setting), "metric": m, "higher": _label(a, rows), "lower": _label(b, rows),
-                            "difference": r.means[a] - r.means[b], "ci_low": low, "ci_high": high,
+                out.append({**setting_columns(setting), "metric": m, "higher": _label(a, rows),
+                            "lower": _label(b, rows), "difference": r.means[a] - r.means[b],
+                            "ci_low": low, "ci_high": high,
                             "p_holm": p_adj[i], "significant": p_adj[i] < ALPHA,
                             "seeds": f"{len(r.scores[a].values)}/{len(r.scores[b].values)}"})
     return pd.DataFrame(out)

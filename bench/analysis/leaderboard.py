@@ -198,7 +198,7 @@ def build_setting(setting: Setting) -> tuple[pd.DataFrame, pd.DataFrame]:
             seed_means = [np.mean([v.mean() for v in seed]) for seed in scores[k].values]
             record = setting.rows[k]["record"]
             overall.append({
-                **_setting_columns(setting), "method": k[0], "variant": k[1], "metric": metric, "config": k[3],
+                **setting_columns(setting), "method": k[0], "variant": k[1], "metric": metric, "config": k[3],
                 "mean": means[k], "ci_low": low, "ci_high": high, "seeds": len(seed_means),
                 "n": sum(len(v) for v in setting.examples.values()),
                 "std_seeds": float(np.std(seed_means, ddof=1)) if len(seed_means) > 1 else 0.0,
@@ -211,7 +211,7 @@ def build_setting(setting: Setting) -> tuple[pd.DataFrame, pd.DataFrame]:
             })
             for t in subtasks:
                 per_subtask.append({
-                    **_setting_columns(setting), "subtask": t, "method": k[0], "variant": k[1], "metric": metric,
+                    **setting_columns(setting), "subtask": t, "method": k[0], "variant": k[1], "metric": metric,
                     "config": k[3], **by_subtask[k][t], "seeds": len(scores[k].values), "n": len(setting.examples[t]),
                 })
     return pd.DataFrame(overall), pd.DataFrame(per_subtask)
@@ -233,7 +233,7 @@ def subtask_stats(rows: list[tuple], scores: dict[tuple, Scores], draws: Draws) 
     return out
 
 
-def _setting_columns(setting: Setting) -> dict:
+def setting_columns(setting: Setting) -> dict:
     f = setting.fields
     return {"setting": setting.key, "profile": f["profile"], "domain": f["experts"].get("domain", "nlp"),
             "task": f["task"].get("name"), "experts": f["experts"].get("name"), "fit_examples": f["fit_examples"],

@@ -28,7 +28,8 @@ def command(record: dict) -> str:
     if defaults is not None:
         for section in SECTIONS:
             own = record.get("method_params") if section == "method" else config.get(section)
-            parts += [f"{section}.{key}={hydra_value(value)}" for key, value in differences(own or {}, defaults[section])
+            parts += [f"{section}.{key}={hydra_value(value)}"
+                      for key, value in differences(own or {}, defaults[section])
                       if not (section == "task" and key == "limit")]
     return "python -m bench " + " ".join(shell_word(p) for p in parts)
 
