@@ -62,3 +62,13 @@ def test_a_method_this_checkout_lacks_gives_the_named_options_only():
     record["method_params"] = {**record["method_params"], "name": "no_such_method", "extra": 3}
     assert command(record).split()[3] == "method=no_such_method"
     assert not any(p.startswith("method.") for p in command(record).split())
+
+
+def test_locations_on_disk_stay_out_of_the_command():
+    """A cache folder recorded in the config (DreamBooth's CLIP cache) is the machine's, not the row's: the command is
+    the same in any checkout, so the committed tables rebuild byte for byte in a clone at another path."""
+    record = record_of(["method=linear", "task=dreambooth", "profile=smoke_vl", "experts=smoke_dreambooth"])
+    record["config"]["task"]["clip"]["cache_dir"] = "/some/other/checkout/.cache"
+    assert "cache_dir" not in command(record)
+    record["config"]["task"]["clip"]["batch_size"] = 7
+    assert "task.clip.batch_size=7" in shlex.split(command(record))

@@ -30,8 +30,15 @@ def command(record: dict) -> str:
             own = record.get("method_params") if section == "method" else config.get(section)
             parts += [f"{section}.{key}={hydra_value(value)}"
                       for key, value in differences(own or {}, defaults[section])
-                      if not (section == "task" and key == "limit")]
+                      if not (section == "task" and key == "limit") and not is_location(key)]
     return "python -m bench " + " ".join(shell_word(p) for p in parts)
+
+
+def is_location(key: str) -> bool:
+    """Whether a dotted config key names a place on disk (a cache or data folder): the checkout's own, never part
+    of what a row measures, so a command leaves it to the user's paths (and the tables stay the same in any clone)."""
+    last = key.rsplit(".", 1)[-1]
+    return last in ("dir", "root", "hub_cache") or last.endswith(("_dir", "_root"))
 
 
 @lru_cache(maxsize=None)
