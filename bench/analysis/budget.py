@@ -14,6 +14,7 @@ from typing import Callable
 
 import pandas as pd
 
+from bench.analysis.figures import save as save_figure
 from bench.analysis.published import Job
 
 BUDGET_KEYS = ("steps", "budget")  # method hyperparameters that set a fit budget, in this order
@@ -73,10 +74,7 @@ def plot_curves(table: pd.DataFrame, out_dir: Path) -> list[Path]:
         ax.set_title(f"budget curve · {first['task']} · {first['profile']} (setting {setting})", fontsize=9)
         ax.legend(fontsize=7)
         stem = f"{first['profile']}_{first['task']}_{setting}_{metric.replace('/', '-')}_budget.png"
-        fig.tight_layout()
-        fig.savefig(out_dir / stem, dpi=120, metadata={"Software": None})
-        plt.close(fig)
-        paths.append(out_dir / stem)
+        paths.append(save_figure(fig, out_dir / stem))
     return paths
 
 

@@ -39,6 +39,7 @@ import numpy as np
 import pandas as pd
 
 from bench.analysis import budget
+from bench.analysis.figures import save as save_figure
 from bench.analysis.published import PUBLISHED_DIR, Job, publish, read_jobs
 from bench.analysis.rerun import command
 from bench.analysis.stats import REPLICATES, Draws, Scores, holm, interval, paired_p, replicates
@@ -361,7 +362,7 @@ def plot(overall: pd.DataFrame, out_dir: Path) -> list[Path]:
         ax.set_yticks(y, labels, fontsize=7)
         ax.set_xlabel(f"{metric} (95% CI)")
         ax.set_title(f"{first['task']} · {first['profile']} · {first['experts']}", fontsize=9)
-        paths.append(_save(fig, out_dir / f"{stem}_rank.png"))
+        paths.append(save_figure(fig, out_dir / f"{stem}_rank.png"))
         fig, ax = plt.subplots(figsize=(7, 4.5))
         cost = (group["fit_seconds"].fillna(0) + group["eval_seconds"].fillna(0)).to_numpy()
         ax.scatter(cost, group["mean"], color=np.where(tied, "tab:green", "tab:blue"))
@@ -373,7 +374,7 @@ def plot(overall: pd.DataFrame, out_dir: Path) -> list[Path]:
         ax.set_title(f"quality vs cost · {first['task']} · {first['profile']}", fontsize=9)
         fig.tight_layout()  # fix the frame before placing labels in it
         place_labels(ax, cost, group["mean"].to_numpy(), labels)
-        paths.append(_save(fig, out_dir / f"{stem}_cost.png"))
+        paths.append(save_figure(fig, out_dir / f"{stem}_cost.png"))
     return paths
 
 
@@ -419,15 +420,6 @@ def place_labels(ax, xs: np.ndarray, ys: np.ndarray, labels: list[str], step: fl
         taken.append((box.x0, box.y0, box.x1, box.y1))
         texts.append(text)
     return texts
-
-
-def _save(fig, path: Path) -> Path:
-    import matplotlib.pyplot as plt
-
-    fig.tight_layout()
-    fig.savefig(path, dpi=120, metadata={"Software": None})
-    plt.close(fig)
-    return path
 
 
 def write(sources: list[Path], out_dir: Path, plots: bool = True,
