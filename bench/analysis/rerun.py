@@ -11,6 +11,7 @@ from hydra.errors import HydraException
 from omegaconf import OmegaConf
 
 from bench.config import compose_config
+from bench.run.records import LOCATION_KEYS
 
 SECTIONS = ("method", "task", "profile")
 
@@ -38,7 +39,7 @@ def is_location(key: str) -> bool:
     """Whether a dotted config key names a place on disk (a cache or data folder): the checkout's own, never part
     of what a row measures, so a command leaves it to the user's paths (and the tables stay the same in any clone)."""
     last = key.rsplit(".", 1)[-1]
-    return last in ("dir", "root", "hub_cache") or last.endswith(("_dir", "_root"))
+    return last in (*LOCATION_KEYS, "root") or last.endswith(("_dir", "_root"))
 
 
 @lru_cache(maxsize=None)

@@ -14,6 +14,7 @@ import logging
 import math
 import platform
 import subprocess
+from collections.abc import Iterable
 from functools import lru_cache
 from importlib import metadata
 from pathlib import Path
@@ -124,11 +125,12 @@ def iter_records(runs_dir: str | Path, skipped: list[tuple[str, str]] | None = N
         yield record
 
 
-def find_records(runs_dir: str | Path, queries: dict[str, str], status: str | None = "ok") -> dict[str, dict | None]:
-    """For each `field: key` of `queries`, the newest record whose `field` is `key` (with `status`, when given),
-    in one pass over `runs_dir`."""
+def find_records(records: Iterable[dict], queries: dict[str, str],
+                 status: str | None = "ok") -> dict[str, dict | None]:
+    """For each `field: key` of `queries`, the newest of `records` (`iter_records`) whose `field` is `key` (with
+    `status`, when given)."""
     newest: dict[str, dict | None] = dict.fromkeys(queries)
-    for record in iter_records(runs_dir):
+    for record in records:
         if status is not None and record.get("status") != status:
             continue
         for field, key in queries.items():

@@ -11,19 +11,18 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections.abc import Iterable
 from pathlib import Path
-
-from bench.run.records import iter_records
 
 log = logging.getLogger("bench")
 UNITS_FILE = "units.jsonl"
 
 
-def finished_units(runs_dir: str | Path, job_key: str) -> tuple[str | None, dict[str, dict]]:
+def finished_units(records: Iterable[dict], job_key: str) -> tuple[str | None, dict[str, dict]]:
     """(folder, {unit: {"rows", "predictions"}}) of the newest unfinished attempt (status running or failed) at
-    `job_key` that finished any unit; (None, {}) when there is none."""
+    `job_key` among `records` (`bench.run.records.iter_records`) that finished any unit; (None, {}) when none did."""
     best: tuple[str, Path] | None = None
-    for record in iter_records(runs_dir):
+    for record in records:
         if record.get("job_key") != job_key or record.get("status") == "ok":
             continue
         folder = Path(record["_path"]).parent

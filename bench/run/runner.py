@@ -27,7 +27,7 @@ from omegaconf import DictConfig
 from bench.errors import BenchError, ConfigError
 from bench.files import write_json_atomic
 from bench.run.records import (
-    RECORD_FILE, find_records, git_sha, input_key, job_config, job_key, library_versions,
+    RECORD_FILE, find_records, git_sha, input_key, iter_records, job_config, job_key, library_versions,
 )
 from bench.registry import get_method, get_task
 from bench.run.resume import UnitLog, finished_units, unit_count
@@ -79,8 +79,9 @@ def run(cfg: DictConfig, output_dir: str | Path, record_input_errors: bool = Fal
     inputs = job_inputs(cfg, task)
     key = input_key(config_key, inputs)
     runs_dir = Path(cfg.paths.runs_dir)
+    known = list(iter_records(runs_dir))  # one pass over the runs folder: done jobs and unfinished attempts
     if not cfg.get("force", False):
-        found = find_records(runs_dir, {"job_key": key, "config_key": config_key})
+        found = find_records(known, {"job_key": key, "config_key": config_key})
         done, earlier = found["job_key"], found["config_key"]
         if done is not None:
             log.info("skip: job %s already done (%s); force=true re-runs it", key, done["_path"])
@@ -89,7 +90,7 @@ def run(cfg: DictConfig, output_dir: str | Path, record_input_errors: bool = Fal
             what = describe(changed(earlier.get("inputs", {}), inputs))
             log.info("re-running job %s: %s changed since %s", config_key, what, earlier["_path"])
     output_dir = Path(output_dir)
-    resumed_from, carried = (None, {}) if cfg.get("force", False) else finished_units(runs_dir, key)
+    resumed_from, carried = (None, {}) if cfg.get("force", False) else finished_units(known, key)
     record = {
         "job_key": key, "config_key": config_key, "inputs": inputs, "status": "running", "profile": cfg.profile.name, "method": cfg.method.name,
         "method_params": method.params(), "task": cfg.task.name, "domain": task.domain,
