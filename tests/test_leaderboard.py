@@ -5,6 +5,7 @@ reproduced byte for byte from published records."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -219,6 +220,11 @@ def test_a_method_run_at_several_budgets_gets_a_budget_curve(tmp_path):
     for _, row in curve.iterrows():
         assert (row["ci_low"], row["ci_high"]) == pytest.approx(tuple(mole.loc[row["config"], ["ci_low", "ci_high"]]))
     assert len(list((out / "plots").glob("*_budget.png"))) == 1
+    # the two MoLE rows are told apart by what differs between their configs; LoraHub's one config needs no label
+    assert sorted(overall[overall.method == "mole"]["options"]) == ["steps=20", "steps=80"]
+    assert overall[overall.method == "lorahub"]["options"].tolist() == [""]
+    table = (out / "leaderboard.md").read_text()
+    assert re.search(r"\| mole +\| steps=20 +\|", table) and re.search(r"\| mole +\| steps=80 +\|", table)
     assert budget_of({"steps": None, "budget": 40}) == ("budget", 40) and budget_of({"lr": 1}) is None
 
 
@@ -237,3 +243,15 @@ def test_per_task_wins_count_each_subtasks_best_and_the_rows_tied_with_it(tmp_pa
     b = per_subtask[per_subtask.subtask == "b"].set_index("method")
     assert b.loc["b_first", "p_vs_best"] is None or pd.isna(b.loc["b_first", "p_vs_best"])
     assert b.loc["close", "p_vs_best"] >= 0.05 > b.loc["a_first", "p_vs_best"]
+
+
+def test_option_labels_name_only_the_parameters_in_which_a_methods_configs_differ():
+    from bench.analysis.leaderboard import option_labels, row_label
+
+    labels = option_labels({"c1": {"lambda": 1.0, "normalize": False, "vl": {"steps": 10, "lr": 0.1}},
+                            "c2": {"lambda": 1.0, "normalize": True, "vl": {"steps": 20, "lr": 0.1}},
+                            "c3": {"lambda": 1.0, "vl": {"steps": 10, "lr": 0.1}}})
+    assert labels == {"c1": "normalize=False, vl.steps=10", "c2": "normalize=True, vl.steps=20",
+                      "c3": "normalize=None, vl.steps=10"}
+    assert option_labels({"c1": {"lambda": 1.0}}) == {"c1": ""}
+    assert row_label("mole", "", "steps=20") == "mole (steps=20)" and row_label("single", "expert=a") == "single[expert=a]"

@@ -9,7 +9,9 @@ and writes to ``--out`` (default ``results/local/``: a user's own runs never ove
 (subtasks, `limit`, `fit_scope`, format, …), model config, expert pool (name, size, training config; not its
 folder) and `fit_examples`. Jobs of one setting must have been scored on the same eval examples (subtask, input,
 target); a job whose examples differ is left out with a message rather than averaged. A method run with two
-different configs in one setting gives two rows (`config` column: a hash of `method_params`).
+different configs in one setting gives two rows (`config` column: a hash of `method_params`; ``options``: the
+method parameters in which its configs differ, e.g. ``normalize=True`` or ``steps=50``; empty for a method run with
+one config).
 
 **Columns** (`leaderboard.csv`, one row per setting × method × variant × metric; macro average over subtasks):
 ``mean`` (over seeds of the macro average), ``ci_low``/``ci_high`` (95 % bootstrap over examples and seeds, paired
@@ -173,12 +175,42 @@ def resample(setting: Setting) -> Resampled:
                      {k: scores[k].statistic() for k in keys})
 
 
+def flat_params(params: dict, prefix: str = "") -> dict[str, object]:
+    """`params` with nested mappings flattened to dotted keys."""
+    out: dict[str, object] = {}
+    for key, value in params.items():
+        if isinstance(value, dict):
+            out.update(flat_params(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def option_labels(params: dict[str, dict]) -> dict[str, str]:
+    """Per config hash of one method: its values of the parameters in which the method's configs `params`
+    ({config hash: method_params}) differ, as ``key=value, …``; empty labels when there is one config."""
+    flat = {c: flat_params(p) for c, p in params.items()}
+    keys = sorted({k for f in flat.values() for k in f})
+    differing = [k for k in keys if len({json.dumps(f.get(k), sort_keys=True, default=str)
+                                         for f in flat.values()}) > 1]
+    return {c: ", ".join(f"{k}={f.get(k)}" for k in differing) for c, f in flat.items()}
+
+
+def row_label(method: str, variant: str, options: str = "") -> str:
+    """How plots and the page name a row: the method, its options in parentheses, its variant in brackets."""
+    return method + (f" ({options})" if options else "") + (f"[{variant}]" if variant else "")
+
+
 def build_setting(setting: Setting) -> tuple[pd.DataFrame, pd.DataFrame]:
     """(overall rows, per-subtask rows) of one setting with CIs and Holm-corrected paired p-values."""
     subtasks = list(setting.examples)
     r = resample(setting)
     keys, scores, draws, reps, means = r.keys, r.scores, r.draws, r.reps, r.means
     overall, per_subtask = [], []
+    options: dict[tuple[str, str], str] = {}
+    for method in {k[0] for k in keys}:
+        params = {k[3]: setting.rows[k]["record"].get("method_params", {}) for k in keys if k[0] == method}
+        options.update({(method, c): label for c, label in option_labels(params).items()})
     for metric in sorted({k[2] for k in keys}):
         rows = [k for k in keys if k[2] == metric]
         best = max(rows, key=lambda k: (means[k], k))
@@ -200,7 +232,8 @@ def build_setting(setting: Setting) -> tuple[pd.DataFrame, pd.DataFrame]:
             record = setting.rows[k]["record"]
             overall.append({
                 **setting_columns(setting), "method": k[0], "variant": k[1], "metric": metric, "config": k[3],
-                "mean": means[k], "ci_low": low, "ci_high": high, "seeds": len(seed_means),
+                "options": options[(k[0], k[3])], "mean": means[k], "ci_low": low, "ci_high": high,
+                "seeds": len(seed_means),
                 "n": sum(len(v) for v in setting.examples.values()),
                 "std_seeds": float(np.std(seed_means, ddof=1)) if len(seed_means) > 1 else 0.0,
                 "p_vs_reference": p_ref.get(k), "p_vs_best_single": p_single.get(k), "p_vs_best": p_best.get(k),
@@ -213,7 +246,7 @@ def build_setting(setting: Setting) -> tuple[pd.DataFrame, pd.DataFrame]:
             for t in subtasks:
                 per_subtask.append({
                     **setting_columns(setting), "subtask": t, "method": k[0], "variant": k[1], "metric": metric,
-                    "config": k[3], **by_subtask[k][t], "seeds": len(scores[k].values), "n": len(setting.examples[t]),
+                    "config": k[3], "options": options[(k[0], k[3])], **by_subtask[k][t], "seeds": len(scores[k].values), "n": len(setting.examples[t]),
                 })
     return pd.DataFrame(overall), pd.DataFrame(per_subtask)
 
@@ -320,8 +353,8 @@ def markdown(overall: pd.DataFrame) -> str:
                   f"K={first['fit_examples']} · limit {first['limit']} (setting {key}){note}", ""]
         view = pd.DataFrame({
             "": ["●" if t else "" for t in group["tied_with_best"]],
-            "method": group["method"], "variant": group["variant"], "metric": group["metric"],
-            "score [95% CI]": [f"{m:.3f} [{lo:.3f}, {hi:.3f}]" for m, lo, hi in
+            "method": group["method"], "options": group["options"], "variant": group["variant"],
+            "metric": group["metric"], "score [95% CI]": [f"{m:.3f} [{lo:.3f}, {hi:.3f}]" for m, lo, hi in
                                zip(group["mean"], group["ci_low"], group["ci_high"])],
             "p vs linear": group["p_vs_reference"].map(_p), "p vs best single": group["p_vs_best_single"].map(_p),
             "norm": group["normalized"].map(lambda v: "" if pd.isna(v) else f"{v:.2f}"),
@@ -347,7 +380,7 @@ def plot(overall: pd.DataFrame, out_dir: Path) -> list[Path]:
     paths = []
     for (key, metric), group in overall.groupby(["setting", "metric"], sort=False):
         group = group.sort_values("mean")
-        labels = [m if not v else f"{m}[{v}]" for m, v in zip(group["method"], group["variant"])]
+        labels = [row_label(m, v, o) for m, v, o in zip(group["method"], group["variant"], group["options"])]
         first = group.iloc[0]
         stem = f"{first['profile']}_{first['task']}_{key}_{metric.replace('/', '-')}"
         fig, ax = plt.subplots(figsize=(7, 0.32 * len(group) + 1.5))
@@ -445,11 +478,13 @@ def write(sources: list[Path], out_dir: Path, plots: bool = True,
 
 
 def read_table(csv: Path) -> pd.DataFrame:
-    """A leaderboard CSV as written by `write` (a method without variants keeps an empty variant, not NaN)."""
+    """A leaderboard CSV as written by `write` (a method without variants or options keeps an empty string, not
+    NaN)."""
     if not csv.is_file():
         raise SystemExit(f"{csv} does not exist; run `make leaderboard` first")
     table = pd.read_csv(csv, keep_default_na=False, na_values=[""])
-    table["variant"] = table["variant"].fillna("")
+    for column in ("variant", "options"):
+        table[column] = table[column].fillna("") if column in table else ""
     return table
 
 

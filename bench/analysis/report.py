@@ -21,7 +21,8 @@ def terminal(table: pd.DataFrame) -> str:
                      f" · limit {first['limit']} (setting {key}; ● = tied with the best, p ≥ 0.05)")
         view = pd.DataFrame({
             "": ["●" if str(t) == "True" else "" for t in group["tied_with_best"]],
-            "method": group["method"], "variant": group["variant"], "metric": group["metric"],
+            "method": group["method"], "options": group["options"], "variant": group["variant"],
+            "metric": group["metric"],
             "mean": group["mean"].map("{:.3f}".format),
             "95% CI": [f"[{lo:.3f}, {hi:.3f}]" for lo, hi in zip(group["ci_low"], group["ci_high"])],
             "p vs linear": group["p_vs_reference"].map(lambda v: "" if pd.isna(v) else f"{v:.3f}"),

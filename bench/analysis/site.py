@@ -58,7 +58,8 @@ code { font-size: 11px; color: #555; } img { max-width: 48%; margin-right: 1%; v
 
 COLUMNS = [  # (name, header, numeric, format)
     ("tied_with_best", "tied", False, lambda v: "●" if str(v) == "True" else ""),
-    ("method", "method", False, str), ("variant", "variant", False, str), ("metric", "metric", False, str),
+    ("method", "method", False, str), ("options", "options", False, str), ("variant", "variant", False, str),
+    ("metric", "metric", False, str),
     ("mean", "mean", True, "{:.3f}".format),
     ("ci", "95% CI", False, None),
     ("p_vs_reference", "p vs linear", True, lambda v: "" if pd.isna(v) else f"{v:.3f}"),
@@ -97,7 +98,9 @@ def _table(group: pd.DataFrame) -> str:
 
 
 def _subtasks(group: pd.DataFrame) -> str:
-    labels = [m if not v else f"{m}[{v}]" for m, v in zip(group["method"], group["variant"])]
+    from bench.analysis.leaderboard import row_label
+
+    labels = [row_label(m, v, o) for m, v, o in zip(group["method"], group["variant"], group["options"])]
     tied = group["tied_with_best"] if "tied_with_best" in group else [False] * len(group)
     group = group.assign(label=labels, cell=[f"{m:.3f} [{lo:.3f}, {hi:.3f}]{' ●' if str(t) == 'True' else ''}"
                                              for m, lo, hi, t in zip(group["mean"], group["ci_low"],
