@@ -63,21 +63,22 @@ def expert_examples(adapter, n: int, seed: int) -> list[Example]:
 
 def task_prompt(adapter) -> Callable[[Example], str]:
     """The prompt function of the task `adapter` was trained on (what the expert read in training), from its
-    metadata through ``bench.registry.make_task``; the raw ``example.input`` when that is not available."""
-    meta = adapter.metadata or {}
-    try:
-        from bench.config import default_data_root
-        from bench.registry import make_task
+    metadata through ``bench.registry.make_task``. A task that cannot be built is an error, not a silent fall back
+    to the raw input: the router would then learn from prompts the experts never read."""
+    from bench.config import default_data_root
+    from bench.registry import make_task
 
-        return make_task(meta["task"], meta.get("task_cfg"), default_data_root()).prompt
-    except Exception:  # no task metadata / task not constructible: fall back to the raw input
-        return lambda e: e.input
+    meta = adapter.metadata or {}
+    if "task" not in meta:
+        raise ConfigError(f"expert {adapter.name!r} has no task in its metadata {meta}: its prompt format is unknown")
+    return make_task(meta["task"], meta.get("task_cfg"), default_data_root()).prompt
 
 
 def expert_prompts(adapter, n: int, seed: int) -> list[str]:
     """`n` prompts of the expert's own task, as the model reads them (task prompt applied)."""
+    examples = expert_examples(adapter, n, seed)
     prompt = task_prompt(adapter)
-    return [prompt(e) for e in expert_examples(adapter, n, seed)]
+    return [prompt(e) for e in examples]
 
 
 def labeled_examples(pool: ExpertPool, n_per_expert: int, seed: int,

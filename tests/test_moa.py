@@ -1,5 +1,7 @@
 """MoA: the router learns the experts' tasks; a mixed batch routes each row to its own expert."""
 
+import copy
+
 import pytest
 import torch
 from omegaconf import OmegaConf
@@ -53,6 +55,17 @@ def test_expert_prompts_come_from_the_experts_tasks(task_pool):
     prompts = moa.expert_prompts(task_pool[2], 3, seed=0)
     assert len(prompts) == 3 and all(p.startswith("Q: Sort the following words") and p.endswith("A:") for p in prompts)
     assert moa.expert_prompts(task_pool[2], 3, seed=0) == prompts
+
+
+def test_an_expert_whose_task_cannot_be_built_is_an_error_not_raw_inputs(task_pool, monkeypatch):
+    """The router must learn from the prompts the experts read: a task config that cannot be loaded (renamed,
+    missing) stops the method with that error instead of quietly routing on raw inputs."""
+    real = moa.expert_examples
+    monkeypatch.setattr(moa, "expert_examples", lambda adapter, n, seed: real(task_pool[2], n, seed))
+    adapter = copy.copy(task_pool[2])
+    adapter.metadata = {**task_pool[2].metadata, "task": "no_such_task"}
+    with pytest.raises(ConfigError, match="no task config 'no_such_task'"):
+        moa.expert_prompts(adapter, 3, seed=0)
 
 
 def test_missing_provider_is_a_clear_error(task_pool, monkeypatch):
