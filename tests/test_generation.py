@@ -118,6 +118,32 @@ def frequent_stops(lm: LanguageModel, texts: list[str], monkeypatch) -> None:
     monkeypatch.setattr(lm, "stop_token_ids", lambda: stops)
 
 
+class MeanOfCopies(RowHooks):
+    """`fanout` model rows per example (as Composite runs one per expert), their logits averaged."""
+
+    fanout = 3
+
+    def scores(self, logits: torch.Tensor) -> torch.Tensor:
+        return logits.view(self.fanout, -1, logits.shape[-1]).mean(0)
+
+
+def test_the_token_budget_bounds_model_rows_when_a_method_runs_several_per_example(tiny_lm):
+    """A method with `fanout` model rows per example (Composite: one per expert) gets batches whose model rows,
+    not examples, fit the token budget: the memory the budget promises does not grow with the number of experts."""
+    budget, new_tokens, shapes = 400, 8, []
+    handle = tiny_lm.model.register_forward_pre_hook(
+        lambda module, args, kwargs: shapes.append(tuple(kwargs["input_ids"].shape)), with_kwargs=True)
+    try:
+        tiny_lm.generate(PROMPTS, new_tokens, hooks=MeanOfCopies(), token_budget=budget)
+    finally:
+        handle.remove()
+    prompt_forwards = [s for s in shapes if s[1] > 1]
+    assert sum(rows for rows, _ in prompt_forwards) == 3 * len(PROMPTS)
+    assert any(rows > 3 for rows, _ in prompt_forwards)  # batches of several examples, not one at a time
+    for rows, width in prompt_forwards:
+        assert rows % 3 == 0 and (rows * (width + new_tokens) <= budget or rows == 3)
+
+
 def test_per_row_state_travels_with_its_row_through_sorting_and_compaction(tiny_lm, strong, monkeypatch):
     """Rows of different lengths, each with its own expert: sorted, batched and compacted, every row still gets
     the continuation its expert gives it alone (the expert folded into the weights, one prompt at a time)."""

@@ -4,8 +4,10 @@
 `generate` call. What it does:
 
 - **Batches.** Prompts are tokenized once (chat template, left-truncated to ``lm.max_input_tokens``), sorted by
-  length, longest first, and cut into batches whose padded size ``rows × (longest prompt + max_new_tokens)``
-  stays within a token budget (and, if given, ``max_rows``); generations come back in input order.
+  length, longest first, and cut into batches whose padded size ``model rows × (longest prompt +
+  max_new_tokens)`` stays within a token budget (and, if given, ``max_rows`` examples); a method that runs
+  ``fanout`` model rows per example gets ``fanout`` times fewer examples per batch. Generations come back in
+  input order.
 - **Per-row composition state** lives in a `RowHooks` object that the engine drives: ``start`` is told which
   input rows (by input index and prompt) form the batch, ``select`` which of them are still running after a
   compaction, ``before_step(t)`` runs before the forward that produces generated token t (t = 0: the prompt's
@@ -356,8 +358,8 @@ def generate(lm, prompts: Sequence[str], max_new_tokens: int = 16, *, hooks: Row
         batches = [Batch(list(range(i, min(i + legacy_batch, len(rows)))), 0)
                    for i in range(0, len(rows), legacy_batch)]
     else:
-        budget = token_budget or default_token_budget(lm.model)
-        batches = plan_batches([len(r) for r in rows], max_new_tokens, budget, max_rows)
+        budget = token_budget or default_token_budget(lm.model)  # model rows: `fanout` per example
+        batches = plan_batches([len(r) for r in rows], max_new_tokens, max(budget // hooks.fanout, 1), max_rows)
     graphs = False
     if not legacy_batch:
         obstacle = static_decode_obstacle(lm, hooks)
