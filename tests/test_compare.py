@@ -44,3 +44,16 @@ def test_only_the_named_task_and_methods(jobs):
 def test_one_method_is_a_clear_error():
     with pytest.raises(ConfigError, match="two or more distinct methods"):
         main(["linear", "linear", "--task", "bbh_cross"])
+
+
+def test_a_method_with_several_configs_is_named_by_what_differs(tmp_path):
+    import json
+
+    r = tmp_path / "runs"
+    for name, method, steps, score in [("m20", "mole", 20, 0.3), ("m80", "mole", 80, 0.6), ("lin", "linear", None, 0.5)]:
+        record(r / name, name, method, 0, {"a": flags(score, N)})
+        path = r / name / "record.json"
+        path.write_text(json.dumps({**json.loads(path.read_text()), "method_params": {"steps": steps, "lr": 0.001}}))
+    table = compare(read_jobs([r]), "t", ["mole", "linear"])
+    pairs = {tuple(p) for p in table[["higher", "lower"]].values.tolist()}
+    assert pairs == {("mole (steps=80)", "linear"), ("linear", "mole (steps=20)"), ("mole (steps=80)", "mole (steps=20)")}

@@ -16,7 +16,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from bench.analysis.leaderboard import ALPHA, resample, setting_columns, settings_of
+from bench.analysis.leaderboard import (ALPHA, resample, row_label, setting_columns, setting_options,
+                                       settings_of)
 from bench.analysis.published import PUBLISHED_DIR, read_jobs
 from bench.analysis.stats import holm, interval, paired_p
 from bench.errors import ConfigError
@@ -29,6 +30,7 @@ def compare(jobs, task: str, methods: list[str], metric: str | None = None) -> p
         if setting.fields["task"].get("name") != task or not setting.rows:
             continue
         r = resample(setting)
+        options = setting_options(setting)
         chosen = [k for k in r.keys if k[0] in methods and not k[1] and (metric is None or k[2] == metric)]
         by_metric: dict[str, list[tuple]] = {}
         for k in chosen:
@@ -38,18 +40,14 @@ def compare(jobs, task: str, methods: list[str], metric: str | None = None) -> p
             p_adj = holm({i: paired_p(r.reps[a], r.reps[b]) for i, (a, b) in enumerate(pairs)})
             for i, (a, b) in enumerate(pairs):
                 low, high = interval(r.reps[a] - r.reps[b])
-                out.append({**setting_columns(setting), "metric": m, "higher": _label(a, rows),
-                            "lower": _label(b, rows), "difference": r.means[a] - r.means[b],
+                out.append({**setting_columns(setting), "metric": m,
+                            "higher": row_label(a[0], "", options[(a[0], a[3])]),
+                            "lower": row_label(b[0], "", options[(b[0], b[3])]),
+                            "difference": r.means[a] - r.means[b],
                             "ci_low": low, "ci_high": high,
                             "p_holm": p_adj[i], "significant": p_adj[i] < ALPHA,
                             "seeds": f"{len(r.scores[a].values)}/{len(r.scores[b].values)}"})
     return pd.DataFrame(out)
-
-
-def _label(key: tuple, rows: list[tuple]) -> str:
-    """The method, with its config hash when the method has several configs among `rows`."""
-    several = sum(k[0] == key[0] for k in rows) > 1
-    return f"{key[0]} ({key[3]})" if several else key[0]
 
 
 def main(argv: list[str] | None = None) -> None:

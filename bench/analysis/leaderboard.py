@@ -196,6 +196,15 @@ def option_labels(params: dict[str, dict]) -> dict[str, str]:
     return {c: ", ".join(f"{k}={f.get(k)}" for k in differing) for c, f in flat.items()}
 
 
+def setting_options(setting: Setting) -> dict[tuple[str, str], str]:
+    """(method, config hash) -> `option_labels` of that config among the method's configs in `setting`."""
+    options: dict[tuple[str, str], str] = {}
+    for method in {k[0] for k in setting.rows}:
+        params = {k[3]: data["record"].get("method_params", {}) for k, data in setting.rows.items() if k[0] == method}
+        options.update({(method, c): label for c, label in option_labels(params).items()})
+    return options
+
+
 def row_label(method: str, variant: str, options: str = "") -> str:
     """How plots and the page name a row: the method, its options in parentheses, its variant in brackets."""
     return method + (f" ({options})" if options else "") + (f"[{variant}]" if variant else "")
@@ -207,10 +216,7 @@ def build_setting(setting: Setting) -> tuple[pd.DataFrame, pd.DataFrame]:
     r = resample(setting)
     keys, scores, draws, reps, means = r.keys, r.scores, r.draws, r.reps, r.means
     overall, per_subtask = [], []
-    options: dict[tuple[str, str], str] = {}
-    for method in {k[0] for k in keys}:
-        params = {k[3]: setting.rows[k]["record"].get("method_params", {}) for k in keys if k[0] == method}
-        options.update({(method, c): label for c, label in option_labels(params).items()})
+    options = setting_options(setting)
     for metric in sorted({k[2] for k in keys}):
         rows = [k for k in keys if k[2] == metric]
         best = max(rows, key=lambda k: (means[k], k))
