@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -43,6 +44,7 @@ def test_run_writes_record_then_skips(tmp_path):
     assert all(r["n"] == 4 for r in record["rows"] if r["subtask"] != "all")
     for key in ("job_key", "git_sha", "versions", "config", "peak_memory_mb", "device", "seed"):
         assert key in record
+    assert re.fullmatch(r".+ \(\d+ threads\)", record["hardware"])  # on CPU: its model and torch's threads
     assert (Path(record_path := next(runs.rglob("record.json"))).parent / "predictions.jsonl").is_file()
     second = bench("method=linear", "task=algorithmic", runs=runs)
     assert "skip" in second.stdout + second.stderr and len(records(runs)) == 1

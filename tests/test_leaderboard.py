@@ -255,3 +255,14 @@ def test_option_labels_name_only_the_parameters_in_which_a_methods_configs_diffe
                       "c3": "normalize=None, vl.steps=10"}
     assert option_labels({"c1": {"lambda": 1.0}}) == {"c1": ""}
     assert row_label("mole", "", "steps=20") == "mole (steps=20)" and row_label("single", "expert=a") == "single[expert=a]"
+
+
+def test_rows_say_which_hardware_their_costs_were_measured_on(tmp_path):
+    r = tmp_path / "runs"
+    for name, seed, extra in [("gpu", 0, {"hardware": "NVIDIA H200", "device": "cuda"}), ("old", 1, {"device": "cpu"}),
+                              ("none", 2, {})]:
+        record(r / name, name, "linear", seed, {"a": flags(0.5)})
+        path = r / name / "record.json"
+        path.write_text(json.dumps({**json.loads(path.read_text()), **extra}))
+    overall, _ = build(read_jobs([r]))
+    assert overall["hardware"].tolist() == ["NVIDIA H200; cpu"]

@@ -22,7 +22,8 @@ across the methods of a setting: `bench.analysis.stats`), ``seeds``, ``n`` (eval
 row has the highest mean / is not significantly below that subtask's best, Holm within the subtask: the per-task
 wins); ``best_single``/``normalized`` (÷ the best single expert's mean) and, for in-domain tasks, ``normalized_own``
 (mean over subtasks of ÷ that subtask's own expert); cost columns (fit and eval seconds, peak memory, trained
-parameters, fit examples, per job); the ``command`` that re-runs the row (`bench.analysis.rerun`) and its
+parameters, fit examples, per job) and the ``hardware`` they were measured on (the GPU's name or the CPU's model and
+threads; ``cuda``/``cpu`` for records older than that field); the ``command`` that re-runs the row (`bench.analysis.rerun`) and its
 ``config_key``. ``leaderboard_subtasks.csv``: the same per subtask (CIs from the same draws; ``p_vs_best``, ``best``,
 ``tied_with_best`` against that subtask's best row). ``leaderboard.md``: one table per setting; ``plots/``: per
 setting a ranking plot (means with CIs, the group tied with the best joined) and a quality-vs-cost plot;
@@ -134,7 +135,7 @@ class Setting:
                 continue
             variant = row.get("variant") or ""
             data = self.rows.setdefault((record["method"], variant, row["metric"], config), {
-                "seeds": {}, "costs": [], "record": record})
+                "seeds": {}, "costs": [], "hardware": set(), "record": record})
             values = [np.full(len(examples[t]), np.nan) for t in examples]
             scored = by_variant.get(variant, [])
             for p, key in zip(scored, numbered_keys(scored)):
@@ -145,6 +146,7 @@ class Setting:
                 self.left_out.append((job.source, f"predictions lack {row['metric']} for variant {variant!r}"))
                 continue
             data["seeds"][record["seed"]] = values
+            data["hardware"].add(record.get("hardware") or record.get("device") or "")
             data["costs"].append({"fit_seconds": row.get("fit_seconds"), "eval_seconds": row.get("eval_seconds"),
                                   "peak_memory_mb": record.get("peak_memory_mb"),
                                   "trained_params": row.get("trained_params"),
@@ -246,7 +248,8 @@ def build_setting(setting: Setting) -> tuple[pd.DataFrame, pd.DataFrame]:
                 "tied_with_best": k == best or p_best.get(k, 0.0) >= ALPHA,
                 "subtasks_best": sum(s["best"] for s in by_subtask[k].values()),
                 "subtasks_tied": sum(s["tied_with_best"] for s in by_subtask[k].values()),
-                **{c: costs.get(c) for c in COSTS}, "meaningful": record.get("meaningful", True),
+                **{c: costs.get(c) for c in COSTS}, "hardware": "; ".join(sorted(setting.rows[k]["hardware"] - {""})),
+                "meaningful": record.get("meaningful", True),
                 "command": command(record), "config_key": record.get("config_key", record["job_key"]),
             })
             for t in subtasks:

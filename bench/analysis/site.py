@@ -72,6 +72,7 @@ COLUMNS = [  # (name, header, numeric, format)
     ("fit_steps", "steps", True, lambda v: "" if pd.isna(v) else f"{v:g}"),
     ("fit_seconds", "fit s", True, lambda v: "" if pd.isna(v) else f"{v:.1f}"),
     ("eval_seconds", "eval s", True, lambda v: "" if pd.isna(v) else f"{v:.1f}"),
+    ("hardware", "hardware", False, lambda v: "" if pd.isna(v) else str(v)),
     ("command", "command", False, None), ("config_key", "config", False, str),
 ]
 

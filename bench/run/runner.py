@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
+import platform
 import resource
 import time
 import traceback
@@ -167,8 +168,10 @@ def execute(cfg: DictConfig, method: Method, task: Task, output_dir: Path,
     rows.extend(macro_rows(rows))
     _write_predictions(output_dir, predictions)
     return {
-        "rows": rows, "experts": pool.names, "task_info": task.record_info() if hasattr(task, "record_info") else {}, "n_experts": len(pool), "device": str(device),
-        "load_seconds": load_timer.seconds, "peak_memory_mb": _peak_memory_mb(device),
+        "rows": rows, "experts": pool.names, "n_experts": len(pool),
+        "task_info": task.record_info() if hasattr(task, "record_info") else {},
+        "device": str(device), "hardware": hardware(device), "load_seconds": load_timer.seconds,
+        "peak_memory_mb": _peak_memory_mb(device),
     }
 
 
@@ -232,6 +235,22 @@ def _reset_peak_memory(device_name: str) -> torch.device:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     return device
+
+
+def hardware(device: torch.device) -> str:
+    """What the job ran on, for its cost columns: the GPU's name, or the CPU's model and the cores torch uses."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    model = next((line.split(":", 1)[1].strip() for line in _cpuinfo().splitlines() if line.startswith("model name")),
+                 platform.processor() or platform.machine())
+    return f"{model} ({torch.get_num_threads()} threads)"
+
+
+def _cpuinfo() -> str:
+    try:
+        return Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return ""
 
 
 def _peak_memory_mb(device: torch.device) -> float:
