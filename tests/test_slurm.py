@@ -192,3 +192,33 @@ def test_a_local_sweep_runs_one_job_per_gpu(tmp_path):
     gpus = [line.rsplit(" on GPU ", 1)[1] for line in out.splitlines() if "submitted as job" in line]
     assert sorted(gpus[:2]) == ["0", "1"] and len(gpus) == 3
     assert len(ok_records(runs)) == 3
+
+
+def test_a_launcher_whose_optional_package_is_missing_is_refused_with_what_to_install(monkeypatch):
+    import importlib.util
+
+    from bench.run.validate import check_launcher
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "hydra_plugins.hydra_submitit_launcher" else real(name, *a))
+    with pytest.raises(ConfigError, match=r"hydra/launcher=slurm needs the hydra-submitit-launcher package"):
+        check_launcher(["-m", "method=linear", "hydra/launcher=slurm"])
+    check_launcher(["-m", "method=linear", "hydra/launcher=parallel"])  # joblib's plugin is installed here
+    check_launcher(["method=linear"])
+
+
+def test_without_submitit_the_plugin_module_imports_and_defines_no_launchers(monkeypatch):
+    """Hydra imports every hydra_plugins module on each run: without the optional package this one must import
+    quietly (no 'Error importing' warning on every command) and register nothing."""
+    import importlib.util
+
+    import hydra_plugins.bench_launcher as installed
+
+    for name in ("", ".config", ".submitit_launcher"):  # importing them now raises ImportError
+        monkeypatch.setitem(sys.modules, "hydra_plugins.hydra_submitit_launcher" + name, None)
+    spec = importlib.util.spec_from_file_location("bench_launcher_without_submitit", installed.__file__)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module.SUBMITIT is False and not hasattr(module, "BenchSlurmLauncher")
+    assert installed.SUBMITIT is True and hasattr(installed, "BenchSlurmLauncher")

@@ -122,6 +122,27 @@ def check_name(key: str, value: Any) -> None:
                           f"(no '/' and no '..')")
 
 
+LAUNCHER_PACKAGES = {  # conf/hydra/launcher option -> (the Hydra plugin it builds on, the pip package that has it)
+    "slurm": ("hydra_plugins.hydra_submitit_launcher", "hydra-submitit-launcher"),
+    "slurm_local": ("hydra_plugins.hydra_submitit_launcher", "hydra-submitit-launcher"),
+    "parallel": ("hydra_plugins.hydra_joblib_launcher", "hydra-joblib-launcher"),
+}
+
+
+def check_launcher(argv: list[str]) -> None:
+    """Before Hydra starts: a ``hydra/launcher=`` choice whose optional plugin package is not installed is refused
+    with the package to install (Hydra itself would only report a config it cannot find)."""
+    import importlib.util
+
+    for arg in argv:
+        key, sep, value = arg.lstrip("+~").partition("=")
+        if sep and key == "hydra/launcher" and value in LAUNCHER_PACKAGES:
+            module, package = LAUNCHER_PACKAGES[value]
+            if importlib.util.find_spec(module) is None:
+                raise ConfigError(f"hydra/launcher={value} needs the {package} package, which is not installed: "
+                                  f"pip install -e '.[all]' (or pip install {package})")
+
+
 def refuse_unsafe_overrides(argv: list[str]) -> None:
     """Before Hydra creates a run folder: the command line's overrides of a name that becomes a path."""
     for arg in argv:
