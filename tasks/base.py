@@ -101,6 +101,12 @@ class Task(ABC):
         """Whether `unit_pool` draws experts with the run seed (then every method's result depends on the seed)."""
         return False
 
+    def unit_artifacts(self, unit: list[str], variants: list[str]) -> list[str]:
+        """Files or folders (relative to the run folder) that evaluating `unit`'s composed `variants` wrote
+        besides rows and predictions; a resumed job copies a carried unit's from the earlier attempt (default:
+        none)."""
+        return []
+
     def unit_pool(self, unit: list[str], pool: "ExpertPool", seed: int) -> "ExpertPool":
         """The experts a fit unit may compose (default: the whole pool)."""
         return pool

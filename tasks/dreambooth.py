@@ -179,6 +179,15 @@ class DreamBoothTask(Task):
     def all_subtasks(self) -> list[str]:
         return [str(s) for s in self.cfg.sets]
 
+    def unit_artifacts(self, unit: list[str], variants: list[str]) -> list[str]:
+        """The unit's generated images and its contact sheet per variant (where `evaluate` writes them)."""
+        return ([f"images/{_slug(s)}" for s in unit]
+                + [self._sheet_name(s, v) for s in unit for v in variants])
+
+    @staticmethod
+    def _sheet_name(subtask: str, variant: str) -> str:
+        return f"contact-{_slug(subtask)}-{_slug(variant or 'default')}.png"
+
     def unit_pool(self, unit: list[str], pool: ExpertPool, seed: int) -> ExpertPool:
         """The experts (subjects) a fit unit composes."""
         return pool.subset([s for name in unit for s in set_subjects(name)])
@@ -277,7 +286,7 @@ class DreamBoothTask(Task):
             scores.append(Score(subtask, "clip_t", float(clip_t.mean()), len(images)))
             scores.append(Score(subtask, "clip_i", sum(subject_means.values()) / len(subjects), len(images)))
             scores.extend(Score(subtask, f"clip_i/{s}", v, len(images)) for s, v in subject_means.items())
-            sheet = out / f"contact-{_slug(subtask)}-{_slug(composed.variant or 'default')}.png"
+            sheet = out / self._sheet_name(subtask, composed.variant)
             contact_sheet([images[g[-1]] for g in sorted(grid)], columns=n * len(self.cfg.seeds)).save(sheet)
             predictions.extend(rows)
         return scores, predictions

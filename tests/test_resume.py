@@ -78,3 +78,23 @@ def test_a_finished_job_is_skipped_not_resumed(tmp_path, units_fitted):
     calls.clear()
     again = run(job(tmp_path), runs / "again")
     assert again.get("skipped") and calls == [] and not (runs / "again" / "record.json").exists()
+
+
+def test_a_resumed_job_has_the_files_its_carried_units_wrote(tmp_path, units_fitted):
+    """With save_composed, each unit writes its composed model; the resumed run folder holds every unit's, the
+    carried ones copied from the earlier attempt, as an uninterrupted run's does."""
+    calls, stop = units_fitted
+    runs = tmp_path / "runs"
+    stop.update({"at": 3, "with": RuntimeError("boom")})
+    with pytest.raises(RuntimeError):
+        run(job(tmp_path, "save_composed=true"), runs / "first")
+    stop["at"] = None
+    run(job(tmp_path, "save_composed=true"), runs / "second")
+    clean = runs / "clean"
+    run(job(tmp_path, "save_composed=true", "force=true"), clean)
+    names = sorted(p.name for p in (clean / "composed").iterdir())
+    assert len(names) == len(SUBTASKS)
+    assert sorted(p.name for p in (runs / "second" / "composed").iterdir()) == names
+    for name in names:
+        assert sorted(f.name for f in (runs / "second" / "composed" / name).iterdir()) == \
+            sorted(f.name for f in (clean / "composed" / name).iterdir())

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -150,6 +151,11 @@ def test_evaluate_scores_images_and_contact_sheet(tmp_path, scorer):
     assert [(r["seed"], r["image_index"]) for r in first_row] == [(0, 0), (0, 1), (1, 0), (1, 1)]
     assert np.array_equal(np.asarray(sheet)[:32, 64:96], np.asarray(Image.open(tmp_path / first_row[2]["image"])))
     assert task.record_info()["scorer"] == "tiny-random (meaningless)"
+    # what a resumed job copies for this unit is exactly what evaluating it wrote
+    written = {p.relative_to(tmp_path) for p in tmp_path.rglob("*.png")}
+    artifacts = [Path(a) for a in task.unit_artifacts([MOLE_SET], ["form=batched"])]
+    assert all((tmp_path / a).exists() for a in artifacts)
+    assert all(any(w == a or a in w.parents for a in artifacts) for w in written)
 
 
 def test_fit_score_for_the_oracle(scorer):

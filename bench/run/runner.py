@@ -17,6 +17,7 @@ import json
 import logging
 import platform
 import resource
+import shutil
 import time
 import traceback
 from dataclasses import asdict
@@ -104,7 +105,7 @@ def run(cfg: DictConfig, output_dir: str | Path, record_input_errors: bool = Fal
         record["resumed_units"] = {"from": resumed_from, "units": sorted(carried)}
     write_json_atomic(output_dir / RECORD_FILE, record)  # status running: a killed attempt is resumable
     try:
-        record.update(execute(cfg, method, task, output_dir, carried))
+        record.update(execute(cfg, method, task, output_dir, carried, resumed_from))
         record["status"] = "ok"
         after = job_inputs(cfg, task)  # a pool this job trained is part of its key from now on
         if after != inputs:
@@ -124,9 +125,10 @@ def run(cfg: DictConfig, output_dir: str | Path, record_input_errors: bool = Fal
 
 
 def execute(cfg: DictConfig, method: Method, task: Task, output_dir: Path,
-            carried: dict[str, dict] | None = None) -> dict:
-    """Fit and score every unit of `task` (units in `carried`, finished by an earlier attempt, are taken from it;
-    each unit finished here is logged to the folder's units file as it ends: `bench.run.resume`)."""
+            carried: dict[str, dict] | None = None, carried_from: str | None = None) -> dict:
+    """Fit and score every unit of `task` (units in `carried`, finished by the earlier attempt in `carried_from`,
+    are taken from it, with the files they wrote there; each unit finished here is logged to the folder's units
+    file as it ends: `bench.run.resume`)."""
     from bench.experts.pools import load_pool
 
     device = _reset_peak_memory(cfg.device)
@@ -149,6 +151,10 @@ def execute(cfg: DictConfig, method: Method, task: Task, output_dir: Path,
         if ctx.unit in carried:
             rows += carried[ctx.unit]["rows"]
             predictions += carried[ctx.unit]["predictions"]
+            variants = list(dict.fromkeys(r.get("variant") or "" for r in carried[ctx.unit]["rows"]))
+            files = task.unit_artifacts(unit, variants) + [_composed_path(ctx.unit, v) for v in variants
+                                                           if cfg.get("save_composed", False)]
+            copy_files(Path(carried_from), output_dir, files)
             continue
         unit_rows, unit_predictions = [], []
         for composed in method.compose(ctx):
@@ -213,10 +219,26 @@ def macro_rows(rows: list[dict]) -> list[dict]:
     return out
 
 
+def _composed_path(unit: str, variant: str) -> str:
+    """Where `save_composed` writes a unit's composed model (relative to the run folder)."""
+    return "composed/" + ("_".join(filter(None, [unit, variant])).replace("/", "-").replace("=", "-") or "composed")
+
+
 def _save_composed(cfg: DictConfig, composed: Composed, output_dir: Path, unit: str) -> None:
     if cfg.get("save_composed", False):
-        name = "_".join(filter(None, [unit, composed.variant])).replace("/", "-").replace("=", "-") or "composed"
-        composed.save(output_dir / "composed" / name)
+        composed.save(output_dir / _composed_path(unit, composed.variant))
+
+
+def copy_files(source: Path, target: Path, relative: list[str]) -> None:
+    """Copy these files or folders (paths relative to both run folders) from `source` into `target`; the ones the
+    earlier attempt did not write are skipped."""
+    for rel in dict.fromkeys(relative):
+        src, dst = source / rel, target / rel
+        if src.is_dir():
+            shutil.copytree(src, dst, dirs_exist_ok=True)
+        elif src.is_file():
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dst)
 
 
 def _write_predictions(output_dir: Path, predictions: list[dict]) -> None:
