@@ -25,7 +25,8 @@ default 1 each is the official objective); a zero task vector (weight 0, or an a
 (the official code divides 0 by 0); `dtype` sets the precision of the optimisation (official: float32).
 ``fold: true`` (default) adds τ_m to the base weights as the official code does; ``fold: false`` keeps it as a
 LoRA of `rank` (truncated SVD; null = max r_i). The report counts Adam steps over all modules and records the
-summed objective at the start and the end.
+summed objective at the start and the end and ``norm_vs_sum``, ‖τ_m‖ / ‖Σ_i τ_i‖ over all modules (how far the
+optimisation moved the merge from task arithmetic's scale).
 """
 
 from __future__ import annotations
@@ -82,8 +83,9 @@ class Interference:
         return torch.addmm(self.g0, delta, self.G) if self.gram else self.residual(delta) @ self.At
 
 
-def wudi(A: torch.Tensor, B: torch.Tensor, steps: int, lr: float) -> tuple[torch.Tensor, float, float]:
-    """The merged update τ_m of one module after `steps` Adam steps from the sum, with L at the start and end."""
+def wudi(A: torch.Tensor, B: torch.Tensor, steps: int, lr: float) -> tuple[torch.Tensor, float, float, float]:
+    """The merged update τ_m of one module after `steps` Adam steps from the sum, with L at the start and end and
+    the sum's Frobenius norm."""
     interference = Interference(A, B)
     delta = torch.zeros(B.shape[1], A.shape[2], dtype=A.dtype, device=A.device)
     start = interference.objective(delta).item()
@@ -91,7 +93,9 @@ def wudi(A: torch.Tensor, B: torch.Tensor, steps: int, lr: float) -> tuple[torch
     for _ in range(steps):
         delta.grad = interference.gradient(delta)
         optimizer.step()
-    return interference.start().add_(delta), start, interference.objective(delta).item()
+    total = interference.start()
+    total_norm = total.norm().item()
+    return total.add_(delta), start, interference.objective(delta).item(), total_norm
 
 
 @register_method("wudi")
@@ -100,7 +104,8 @@ class Wudi(ModuleMergeMethod):
 
     def __init__(self, cfg: DictConfig) -> None:
         super().__init__(cfg)
-        self.trace: list[tuple[float, float]] = []  # (start, end) objective of each module merged
+        # per module merged: objective at the start and end, norms of the task-arithmetic sum and of τ_m
+        self.trace: list[tuple[float, float, float, float]] = []
 
     def check_config(self) -> None:
         super().check_config()
@@ -118,8 +123,8 @@ class Wudi(ModuleMergeMethod):
         dtype = DTYPES[self.cfg.get("dtype", DTYPE)]
         B = B * weights.view(-1, 1, 1)
         steps, lr = self.cfg.get("steps", STEPS), float(self.cfg.get("lr", LR))
-        merged, start, end = wudi(A.to(dtype), B.to(dtype), steps, lr)
-        self.trace.append((start, end))
+        merged, start, end, sum_norm = wudi(A.to(dtype), B.to(dtype), steps, lr)
+        self.trace.append((start, end, sum_norm, merged.norm().item()))
         return merged.to(torch.float64)
 
     def compose(self, ctx: FitContext) -> Iterator[Composed]:
@@ -128,8 +133,10 @@ class Wudi(ModuleMergeMethod):
         with Timer() as timer:
             weights = self.weights(ctx.pool)
             deltas = self.merge(list(ctx.pool), weights, ctx.seed, device)
-        info = {"weights": weights, "objective_start": sum(s for s, _ in self.trace),
-                "objective_end": sum(e for _, e in self.trace)}
+        sum_sq, merged_sq = sum(t[2] ** 2 for t in self.trace), sum(t[3] ** 2 for t in self.trace)
+        info = {"weights": weights, "objective_start": sum(t[0] for t in self.trace),
+                "objective_end": sum(t[1] for t in self.trace),
+                "norm_vs_sum": math.sqrt(merged_sq / sum_sq) if sum_sq > 0 else None}
         for composed in compose_deltas(self, ctx, deltas, timer.seconds, info):
             composed.report.steps = len(self.trace) * self.cfg.get("steps", STEPS)
             yield composed

@@ -118,14 +118,17 @@ def test_gradient_and_objective_equal_autograd_of_the_dense_objective(module):
 def test_the_objective_falls_from_task_arithmetic():
     experts = pool()
     merged, report = composed(experts, dtype="float64")
-    starts, ends = [], []
+    starts, ends, sum_sq, merged_sq = [], [], 0.0, 0.0
     for module in SHAPES:
         taus = task_vectors(experts, module)
         starts.append(objective(taus.sum(0), taus).item())
         ends.append(objective(merged[module], taus).item())
         assert ends[-1] < starts[-1]
+        sum_sq += taus.sum(0).norm().item() ** 2
+        merged_sq += merged[module].norm().item() ** 2
     assert report.info["objective_start"] == pytest.approx(sum(starts), rel=1e-12)
     assert report.info["objective_end"] == pytest.approx(sum(ends), rel=1e-12)
+    assert report.info["norm_vs_sum"] == pytest.approx((merged_sq / sum_sq) ** 0.5, rel=1e-9)
 
 
 def test_pool_order_rank_order_and_weights_follow_their_experts():
