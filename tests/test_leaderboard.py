@@ -182,6 +182,33 @@ def test_compact_archives_keep_every_scored_example_and_share_the_example_list(r
     assert compact([{**rows[0], "clip_t": 0.3}]) is None  # a score beyond correctness: kept as rows
 
 
+def test_a_units_fit_info_is_stored_once_and_read_back_whole(tmp_path):
+    """An in-domain job scores one fitted composition on every subtask: its rows repeat the unit's fit_info, which
+    the published file holds once; reading it back gives the record exactly."""
+    import gzip
+
+    from bench.analysis.published import SAME_AS, restore_fit_info, shared_fit_info
+
+    r = tmp_path / "runs"
+    record(r / "1", "k1", "cat", 0, {"a": flags(0.5), "b": flags(0.7), "c": flags(0.2)})
+    path = r / "1" / "record.json"
+    data = json.loads(path.read_text())
+    weights = {f"layers.{i}.q": {"e1": 0.1 * i, "e2": 1 - 0.1 * i} for i in range(200)}
+    for row in data["rows"]:
+        row.update(unit="a+b+c", fit_info={"weights": weights, "loss": 0.5})
+    data["rows"][1]["fit_info"] = {"weights": weights, "loss": 0.25}  # a row whose info differs keeps its own
+    path.write_text(json.dumps(data))
+    published = tmp_path / "published"
+    [file] = [p for p in publish([r], published) if p.parent.name != "examples"]
+    stored = json.loads(gzip.decompress(file.read_bytes()))["record"]["rows"]
+    assert [row["fit_info"] for row in stored][2:] == [{SAME_AS: 0}, {SAME_AS: 0}]
+    assert stored[1]["fit_info"]["loss"] == 0.25 and stored[0]["fit_info"]["weights"] == weights
+    [job] = read_jobs([published])
+    assert job.record["rows"] == data["rows"]
+    other = [{"unit": "x", "fit_info": {"w": 1}}, {"unit": "y", "fit_info": {"w": 1}}]  # other units: not shared
+    assert shared_fit_info(other) == other and restore_fit_info(other) == other
+
+
 def test_an_example_the_data_holds_twice_is_scored_twice(tmp_path):
     """BBH's sports_understanding holds two examples twice: each copy is a scored example, none is dropped."""
     r = tmp_path / "runs"

@@ -4,7 +4,9 @@
 (what `publish` writes): ``{"record": …, "examples": <digest>, "predictions": {<variant>: {"answer": […], "correct":
 […]}}}``, the examples themselves (subtask, input, target, in the job's order) stored once per task in
 ``examples/<digest>.json.gz`` and shared by every job scored on them; the raw generations stay in the run folders
-(a 5,836-example job is 36 kB instead of 330 kB). `make
+(a 5,836-example job is 36 kB instead of 330 kB). A fit unit's ``fit_info`` (gate weights, learned coefficients),
+repeated in every row the unit scored, is stored in its first row only (`shared_fit_info`; the others say
+``{"$same_as_row": i}``) and restored on reading (`restore_fit_info`). `make
 leaderboard` rebuilds the committed tables from these files alone, so a fresh clone reproduces them byte for
 byte; ``python -m bench.analysis.leaderboard --publish <runs dir>…`` copies finished jobs from run folders into it (the
 maintainers' step after re-running a setting; a user's own runs never land here by themselves).
@@ -56,7 +58,9 @@ def read_archive(folder: Path, skipped: list[tuple[str, str]] | None = None) -> 
                 if source not in examples:
                     examples[source] = json.loads(gzip.decompress(source.read_bytes()))
                 payload["predictions"] = expand(payload["predictions"], examples[source])
-        except (OSError, ValueError, KeyError) as err:
+            if not problem:
+                payload["record"]["rows"] = restore_fit_info(payload["record"]["rows"])
+        except (OSError, ValueError, KeyError, IndexError, TypeError) as err:
             problem = f"unreadable ({type(err).__name__}: {err})"
         if problem:
             if skipped is not None:
@@ -64,6 +68,33 @@ def read_archive(folder: Path, skipped: list[tuple[str, str]] | None = None) -> 
             continue
         jobs.append(Job(payload["record"], payload.get("predictions", []), str(path)))
     return jobs
+
+
+SAME_AS = "$same_as_row"
+
+
+def shared_fit_info(rows: list[dict]) -> list[dict]:
+    """`rows` with each ``fit_info`` equal to an earlier row's of the same unit replaced by a reference to it."""
+    first: dict[tuple, int] = {}
+    out = []
+    for i, row in enumerate(rows):
+        info = row.get("fit_info")
+        if not info:
+            out.append(row)
+            continue
+        key = (row.get("unit"), json.dumps(info, sort_keys=True, default=str))
+        if key in first:
+            row = {**row, "fit_info": {SAME_AS: first[key]}}
+        else:
+            first[key] = i
+        out.append(row)
+    return out
+
+
+def restore_fit_info(rows: list[dict]) -> list[dict]:
+    """The inverse of `shared_fit_info` (rows without references come back as they are)."""
+    return [{**row, "fit_info": rows[row["fit_info"][SAME_AS]]["fit_info"]}
+            if isinstance(row.get("fit_info"), dict) and SAME_AS in row["fit_info"] else row for row in rows]
 
 
 def compact(predictions: list[dict]) -> tuple[list, dict] | None:
@@ -121,7 +152,8 @@ def publish(run_dirs: list[Path], out: Path = PUBLISHED_DIR) -> list[Path]:
         if not job.predictions:
             continue  # nothing to resample: not publishable
         folder = out / job.record["task"]
-        payload: dict = {"record": job.record, "predictions": job.predictions}
+        record = {**job.record, "rows": shared_fit_info(job.record.get("rows", []))}
+        payload: dict = {"record": record, "predictions": job.predictions}
         packed = compact(job.predictions)
         if packed is not None:
             examples, columns = packed
@@ -129,7 +161,7 @@ def publish(run_dirs: list[Path], out: Path = PUBLISHED_DIR) -> list[Path]:
             source = folder / EXAMPLES_DIR / f"{digest}.json.gz"
             if not source.is_file():
                 written.append(_write_gz(source, examples))
-            payload = {"record": job.record, "examples": digest, "predictions": columns}
+            payload = {"record": record, "examples": digest, "predictions": columns}
         written.append(_write_gz(folder / f"{job.record['job_key']}.json.gz", payload))
     return written
 
