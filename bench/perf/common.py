@@ -17,6 +17,8 @@ from typing import Callable
 
 import torch
 
+from bench.run.records import hardware
+
 # Your runs land in results/local/perf; the committed numbers (results/perf) are refreshed on purpose with
 # BENCH_PERF_DIR=results/perf (as the device runs behind docs/performance.md do).
 RESULTS_DIR = Path(os.environ.get("BENCH_PERF_DIR", Path(__file__).resolve().parents[2] / "results" / "local" / "perf"))
@@ -77,14 +79,8 @@ def copy_bandwidth(device: torch.device, nbytes: int = 1 << 30) -> float:
     return 2 * src.numel() * src.element_size() / t
 
 
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
-
-
 def environment(device: torch.device) -> dict:
-    return {"device": device_name(device), "torch": torch.__version__, "cuda": torch.version.cuda,
+    return {"device": hardware(device), "torch": torch.__version__, "cuda": torch.version.cuda,
             "python": platform.python_version()}
 
 

@@ -162,3 +162,19 @@ def library_versions() -> dict[str, str | None]:
             versions[name] = None
     versions["python"] = platform.python_version()
     return versions
+
+
+def hardware(device) -> str:
+    """What a job or benchmark ran on (`device`: a torch.device): the GPU's name, or the CPU's model and the
+    threads torch uses."""
+    import torch
+
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        cpuinfo = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        cpuinfo = ""
+    model = next((line.split(":", 1)[1].strip() for line in cpuinfo.splitlines() if line.startswith("model name")),
+                 platform.processor() or platform.machine())
+    return f"{model} ({torch.get_num_threads()} threads)"

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import logging
-import platform
 import resource
 import shutil
 import time
@@ -29,7 +28,8 @@ from omegaconf import DictConfig
 from bench.errors import BenchError, ConfigError
 from bench.files import write_json_atomic
 from bench.run.records import (
-    RECORD_FILE, find_records, git_sha, input_key, iter_records, job_config, job_key, library_versions,
+    RECORD_FILE, find_records, git_sha, hardware, input_key, iter_records, job_config, job_key,
+    library_versions,
 )
 from bench.registry import get_method, get_task
 from bench.run.resume import UnitLog, finished_units, unit_count
@@ -257,22 +257,6 @@ def _reset_peak_memory(device_name: str) -> torch.device:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     return device
-
-
-def hardware(device: torch.device) -> str:
-    """What the job ran on, for its cost columns: the GPU's name, or the CPU's model and the cores torch uses."""
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    model = next((line.split(":", 1)[1].strip() for line in _cpuinfo().splitlines() if line.startswith("model name")),
-                 platform.processor() or platform.machine())
-    return f"{model} ({torch.get_num_threads()} threads)"
-
-
-def _cpuinfo() -> str:
-    try:
-        return Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return ""
 
 
 def _peak_memory_mb(device: torch.device) -> float:

@@ -9,6 +9,7 @@ list a list of the reference's element type. Keys whose default is null are the 
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -122,6 +123,14 @@ def check_name(key: str, value: Any) -> None:
                           f"(no '/' and no '..')")
 
 
+def assignments(argv: list[str]) -> Iterator[tuple[str, str]]:
+    """(key, value) of each ``key=value`` override on a command line (``+``/``++``/``~`` prefixes dropped)."""
+    for arg in argv:
+        key, sep, value = arg.lstrip("+~").partition("=")
+        if sep:
+            yield key, value
+
+
 LAUNCHER_PACKAGES = {  # conf/hydra/launcher option -> (the Hydra plugin it builds on, the pip package that has it)
     "slurm": ("hydra_plugins.hydra_submitit_launcher", "hydra-submitit-launcher"),
     "slurm_local": ("hydra_plugins.hydra_submitit_launcher", "hydra-submitit-launcher"),
@@ -134,9 +143,8 @@ def check_launcher(argv: list[str]) -> None:
     with the package to install (Hydra itself would only report a config it cannot find)."""
     import importlib.util
 
-    for arg in argv:
-        key, sep, value = arg.lstrip("+~").partition("=")
-        if sep and key == "hydra/launcher" and value in LAUNCHER_PACKAGES:
+    for key, value in assignments(argv):
+        if key == "hydra/launcher" and value in LAUNCHER_PACKAGES:
             module, package = LAUNCHER_PACKAGES[value]
             if importlib.util.find_spec(module) is None:
                 raise ConfigError(f"hydra/launcher={value} needs the {package} package, which is not installed: "
@@ -145,9 +153,8 @@ def check_launcher(argv: list[str]) -> None:
 
 def refuse_unsafe_overrides(argv: list[str]) -> None:
     """Before Hydra creates a run folder: the command line's overrides of a name that becomes a path."""
-    for arg in argv:
-        key, sep, value = arg.lstrip("+~").partition("=")
-        if sep and key in PATH_NAMES:
+    for key, value in assignments(argv):
+        if key in PATH_NAMES:
             check_name(key, value.strip("'\""))
 
 
