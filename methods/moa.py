@@ -123,14 +123,9 @@ def hidden_features(lm: LanguageModel, prompts: Sequence[str], max_rows: int | N
         mask = pad_rows([[1] * len(r) for r in ids], 0, side=side).to(lm.device)
         if lm.is_seq2seq:
             hidden = lm.model.get_encoder()(input_ids=input_ids, attention_mask=mask).last_hidden_state
-        else:
+        else:  # the backbone without the LM head, which keeps no other layer's states (they cost 30x the memory)
             pos = (mask.cumsum(-1) - 1).clamp(min=0)
-            kw = dict(input_ids=input_ids, attention_mask=mask, position_ids=pos, output_hidden_states=True)
-            try:  # logits of the last position only: the LM head over the whole sequence is not needed
-                out = lm.model(**kw, logits_to_keep=1)
-            except TypeError:
-                out = lm.model(**kw)
-            hidden = out.hidden_states[-1]
+            hidden = lm.model.base_model(input_ids=input_ids, attention_mask=mask, position_ids=pos).last_hidden_state
         m = mask.unsqueeze(-1).to(hidden.dtype)
         pooled = ((hidden * m).sum(1) / m.sum(1).clamp(min=1)).float()
         if feats is None:

@@ -178,3 +178,15 @@ def test_an_experts_features_are_computed_once_per_seed(tiny_lm, task_pool, monk
         assert torch.allclose(a, b, atol=1e-5)
     method.fit_router(tiny_lm, first, seed=1)
     assert calls[-1] == 12  # another seed draws other examples
+
+
+def test_features_are_the_mean_pooled_last_hidden_state(tiny_lm):
+    """MoA's input representation: the mean over the prompt's tokens of the LM's final hidden state (after the
+    last norm), the same state the full model reports as its last `hidden_states` entry."""
+    prompts = [PROMPT.format(input=generate(f, "pool", 1).input) for f in FAMILIES]
+    feats = moa.hidden_features(tiny_lm, prompts)
+    for prompt, row in zip(prompts, feats):
+        ids = torch.tensor([tiny_lm.prompt_ids(prompt)])
+        with torch.no_grad():
+            states = tiny_lm.model(input_ids=ids, output_hidden_states=True).hidden_states
+        torch.testing.assert_close(row, states[-1][0].float().mean(0), rtol=1e-5, atol=1e-5)
