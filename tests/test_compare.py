@@ -57,3 +57,18 @@ def test_a_method_with_several_configs_is_named_by_what_differs(tmp_path):
     table = compare(read_jobs([r]), "t", ["mole", "linear"])
     pairs = {tuple(p) for p in table[["higher", "lower"]].values.tolist()}
     assert pairs == {("mole (steps=80)", "linear"), ("linear", "mole (steps=20)"), ("mole (steps=80)", "mole (steps=20)")}
+
+
+def test_a_setting_prefix_keeps_that_setting_alone(tmp_path):
+    r = tmp_path / "runs"
+    for limit in (N, 20):
+        record(r / f"hi{limit}", f"h{limit}", "high", 0, {"a": flags(0.9, N)}, limit=limit)
+        record(r / f"lo{limit}", f"l{limit}", "low", 0, {"a": flags(0.1, N)}, limit=limit)
+    jobs = read_jobs([r])
+    both = compare(jobs, "t", ["high", "low"])
+    assert len(both) == 2 and both["setting"].nunique() == 2
+    key = both["setting"].iloc[0]
+    one = compare(jobs, "t", ["high", "low"], setting_prefix=key[:4])
+    assert one["setting"].tolist() == [key]
+    with pytest.raises(SystemExit, match="no setting zz\\* of task 't'"):
+        main(["high", "low", "--task", "t", "--setting", "zz", "--runs-dir", str(r)])

@@ -23,11 +23,13 @@ from bench.analysis.stats import holm, interval, paired_p
 from bench.errors import ConfigError
 
 
-def compare(jobs, task: str, methods: list[str], metric: str | None = None) -> pd.DataFrame:
-    """One row per pair of `methods` (higher mean first) in every setting of `task` holding at least two of them."""
+def compare(jobs, task: str, methods: list[str], metric: str | None = None,
+            setting_prefix: str = "") -> pd.DataFrame:
+    """One row per pair of `methods` (higher mean first) in every setting of `task` (those whose key starts with
+    `setting_prefix`) holding at least two of them."""
     out = []
     for setting in settings_of(jobs).values():
-        if setting.fields["task"].get("name") != task or not setting.rows:
+        if setting.fields["task"].get("name") != task or not setting.rows or not setting.key.startswith(setting_prefix):
             continue
         r = resample(setting)
         options = setting_options(setting)
@@ -55,15 +57,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("methods", nargs="+", help="two or more method names")
     parser.add_argument("--task", required=True)
     parser.add_argument("--metric", default=None)
+    parser.add_argument("--setting", default="", help="only the settings whose key starts with this (the leaderboard's"
+                        " 'setting' column, e.g. ad3ea371)")
     parser.add_argument("--runs-dir", type=Path, action="append", default=None)
     parser.add_argument("--out", type=Path, default=None, help="also write the table to this CSV")
     args = parser.parse_args(argv)
     if len(set(args.methods)) < 2:
         raise ConfigError(f"compare needs two or more distinct methods, got {args.methods}")
     table = compare(read_jobs(args.runs_dir or [PUBLISHED_DIR]), args.task, list(dict.fromkeys(args.methods)),
-                    args.metric)
+                    args.metric, args.setting)
     if table.empty:
-        raise SystemExit(f"no setting of task {args.task!r} has two of {args.methods} (published records"
+        where = f"setting {args.setting}* of task {args.task!r}" if args.setting else f"setting of task {args.task!r}"
+        raise SystemExit(f"no {where} has two of {args.methods} (published records"
                          f"{'' if not args.runs_dir else ' in ' + ', '.join(map(str, args.runs_dir))})")
     view = table.assign(**{"difference [95% CI]": [f"{d:+.3f} [{lo:+.3f}, {hi:+.3f}]" for d, lo, hi in
                                                     zip(table["difference"], table["ci_low"], table["ci_high"])]})
