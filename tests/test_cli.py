@@ -42,7 +42,7 @@ def test_run_writes_record_then_skips(tmp_path):
     assert subtasks == {"all", "boolean_expressions", "multistep_arithmetic", "word_sorting", "dyck_languages",
                         "object_counting"}
     assert all(r["n"] == 4 for r in record["rows"] if r["subtask"] != "all")
-    for key in ("job_key", "git_sha", "versions", "config", "peak_memory_mb", "device", "seed"):
+    for key in ("job_key", "git_sha", "code_digest", "versions", "config", "peak_memory_mb", "device", "seed"):
         assert key in record
     assert re.fullmatch(r".+ \(\d+ threads\)", record["hardware"])  # on CPU: its model and torch's threads
     assert (Path(record_path := next(runs.rglob("record.json"))).parent / "predictions.jsonl").is_file()

@@ -257,3 +257,32 @@ def test_two_jobs_on_a_cold_cache_build_the_model_and_the_pool_once(tmp_path):
     assert both.count("- training expert pool smoke_algorithmic") == 1, both
     assert "waiting for another process to finish" in both
     assert "is complete at" in both  # the waiting one found the pool trained
+
+
+def test_the_code_digest_names_the_source_and_nothing_else(tmp_path):
+    """Records carry `code_digest` because `git_sha` says only "-dirty" for an uncommitted or copied tree."""
+    from shutil import copytree
+
+    from bench.run.records import code_digest
+
+    def tree(root: Path) -> Path:
+        for rel, text in [("bench/a.py", "x = 1\n"), ("conf/m/x.yaml", "k: 1\n"), ("results/r.json", "{}"),
+                          ("docs/d.md", "doc"), ("bench/__pycache__/a.pyc", "bytes")]:
+            (root / rel).parent.mkdir(parents=True, exist_ok=True)
+            (root / rel).write_text(text)
+        return root
+
+    digest = code_digest.__wrapped__
+    root = tree(tmp_path / "one")
+    first = digest(root)
+    assert digest(copytree(root, tmp_path / "elsewhere")) == first  # another path, the same code
+    for rel in ("results/r.json", "docs/d.md", "bench/__pycache__/a.pyc"):
+        (root / rel).write_text("changed")
+    assert digest(root) == first  # results, docs and bytecode are not code
+    (root / "conf/m/x.yaml").write_text("k: 2\n")
+    assert digest(root) != first
+    (root / "conf/m/x.yaml").write_text("k: 1\n")
+    (root / "conf/m/x.yaml").rename(root / "conf/m/y.yaml")
+    assert digest(root) != first  # a renamed config is another config
+    (root / "conf/m/y.yaml").rename(root / "conf/m/x.yaml")
+    assert digest(root) == first

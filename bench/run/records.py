@@ -152,6 +152,26 @@ def git_sha() -> str | None:
         return None
 
 
+# The source a job's behaviour comes from (`code_digest`): the packages and the configs, not results or docs.
+CODE_DIRS = ("bench", "methods", "tasks", "conf", "hydra_plugins")
+CODE_SUFFIXES = (".py", ".yaml")
+
+
+@lru_cache(maxsize=1)
+def code_digest(root: Path = PROJECT_ROOT) -> str:
+    """sha256 (16 hex) of the source files under `CODE_DIRS` — relative path and content of each, in path order.
+
+    Names the code that ran where `git_sha` cannot: a copied or uncommitted tree (``-dirty``), or a checkout whose
+    git metadata is stale. The same checkout gives the same digest on any machine and at any path."""
+    h = hashlib.sha256()
+    files = sorted((f for d in CODE_DIRS for f in (root / d).rglob("*")
+                    if f.suffix in CODE_SUFFIXES and f.is_file() and "__pycache__" not in f.parts),
+                   key=lambda f: f.relative_to(root).as_posix())
+    for f in files:
+        h.update(f.relative_to(root).as_posix().encode() + b"\0" + f.read_bytes() + b"\0")
+    return h.hexdigest()[:16]
+
+
 @lru_cache(maxsize=1)
 def library_versions() -> dict[str, str | None]:
     versions = {}

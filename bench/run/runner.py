@@ -28,7 +28,7 @@ from omegaconf import DictConfig
 from bench.errors import BenchError, ConfigError
 from bench.files import write_json_atomic
 from bench.run.records import (
-    RECORD_FILE, find_records, git_sha, hardware, input_key, iter_records, job_config, job_key,
+    RECORD_FILE, code_digest, find_records, git_sha, hardware, input_key, iter_records, job_config, job_key,
     library_versions,
 )
 from bench.registry import get_method, get_task
@@ -97,7 +97,8 @@ def run(cfg: DictConfig, output_dir: str | Path, record_input_errors: bool = Fal
         "job_key": key, "config_key": config_key, "inputs": inputs, "status": "running", "profile": cfg.profile.name, "method": cfg.method.name,
         "method_params": method.params(), "task": cfg.task.name, "domain": task.domain,
         "model": cfg.model.id, "experts_pool": cfg.experts.name, "seed": int(cfg.seed),
-        "meaningful": bool(cfg.profile.meaningful), "git_sha": git_sha(), "versions": library_versions(),
+        "meaningful": bool(cfg.profile.meaningful), "git_sha": git_sha(), "code_digest": code_digest(),
+        "versions": library_versions(),
         "config": job_config(cfg), "started_at": _now(),
     }
     if carried:
