@@ -35,7 +35,7 @@ sweep: install  ## a named grid from conf/sweep/<SWEEP>.yaml as a Hydra multirun
 	$(BIN)/python -m bench -m +sweep=$(SWEEP) $(ARGS); status=$$?; \
 	$(BIN)/python -m bench.analysis.leaderboard --runs-dir results/runs --out results/local --no-plots; exit $$status
 
-leaderboard: install  ## the committed tables, rebuilt from results/published/ (LOCAL=1: from your results/runs into results/local/)
+leaderboard: install  ## the committed tables, plots and page, rebuilt from results/published/ (LOCAL=1: from your results/runs into results/local/)
 	$(BIN)/python -m bench.analysis.leaderboard $(if $(LOCAL),--runs-dir results/runs --out results/local)
 
 perf: install  ## performance benchmarks (GPU when present); numbers into results/perf/

@@ -27,3 +27,12 @@ def test_the_committed_tables_rebuild_byte_for_byte(tmp_path, name, capsys):
     rebuilt = (tmp_path / name).read_bytes()
     committed = (RESULTS / name).read_bytes()
     assert rebuilt == committed, f"results/{name} differs from `make leaderboard`'s; run it and commit"
+
+
+def test_the_committed_page_shows_the_committed_tables(tmp_path):
+    """results/site/index.html is what the committed tables and plots give (`make leaderboard` rebuilds all three)."""
+    from bench.analysis.site import write_site
+
+    rebuilt = write_site(RESULTS, tmp_path).read_bytes()
+    assert rebuilt == (RESULTS / "site" / "index.html").read_bytes(), \
+        "results/site/index.html lags results/leaderboard*.csv; run `make leaderboard` and commit"

@@ -1,4 +1,4 @@
-"""`python -m bench.analysis.leaderboard` (`make leaderboard`): finished jobs -> tables with uncertainty, paired tests, plots.
+"""`python -m bench.analysis.leaderboard` (`make leaderboard`): finished jobs -> tables with uncertainty, paired tests, plots, page.
 
 Sources: by default the published records (`bench.analysis.published`: ``results/published/``), into ``results/`` — the
 committed tables, reproducible byte for byte from the repository; ``--runs-dir DIR`` reads run folders instead
@@ -483,6 +483,10 @@ def write(sources: list[Path], out_dir: Path, plots: bool = True,
             stale.unlink()
         plot(overall, out_dir / "plots")
     budget.write(overall, jobs, short_hash, out_dir, plots)
+    if plots:  # the page embeds the plots: rebuilt with them, it never lags the tables
+        from bench.analysis.site import write_site
+
+        write_site(out_dir, out_dir / "site")
     return overall, len(jobs)
 
 
@@ -516,7 +520,7 @@ def main(argv: list[str] | None = None) -> None:
         overall, n_jobs = write(sources, out, plots=not args.no_plots, skipped=skipped)
         print(markdown(overall))
         print(f"read {n_jobs} job(s) from {', '.join(map(str, sources))}; wrote {out}/leaderboard*.csv, .md"
-              + ("" if args.no_plots else ", plots/"))
+              + ("" if args.no_plots else ", plots/, site/index.html"))
     finally:
         if skipped:
             print(f"\n{len(skipped)} record(s) left out:")

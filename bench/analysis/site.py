@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from bench.files import write_bytes_atomic
+
 SCRIPT = """
 function sortTable(table, col, descending) {
   const body = table.tBodies[0];
@@ -152,5 +154,5 @@ def write_site(results_dir: Path, out_dir: Path) -> Path:
     per_subtask = read_table(results_dir / "leaderboard_subtasks.csv")
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / "index.html"
-    path.write_text(render(overall, per_subtask, results_dir / "plots"))
+    write_bytes_atomic(path, render(overall, per_subtask, results_dir / "plots").encode())
     return path
