@@ -190,12 +190,14 @@ def flat_params(params: dict, prefix: str = "") -> dict[str, object]:
 
 def option_labels(params: dict[str, dict]) -> dict[str, str]:
     """Per config hash of one method: its values of the parameters in which the method's configs `params`
-    ({config hash: method_params}) differ, as ``key=value, …``; empty labels when there is one config."""
+    ({config hash: method_params}) differ, as ``key=value, …``; empty labels when there is one config. A null
+    value, or a parameter a config predates, reads ``default``: null in a method config is its default."""
     flat = {c: flat_params(p) for c, p in params.items()}
     keys = sorted({k for f in flat.values() for k in f})
     differing = [k for k in keys if len({json.dumps(f.get(k), sort_keys=True, default=str)
                                          for f in flat.values()}) > 1]
-    return {c: ", ".join(f"{k}={f.get(k)}" for k in differing) for c, f in flat.items()}
+    return {c: ", ".join(f"{k}={'default' if f.get(k) is None else f.get(k)}" for k in differing)
+            for c, f in flat.items()}
 
 
 def setting_options(setting: Setting) -> dict[tuple[str, str], str]:
