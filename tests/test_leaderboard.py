@@ -273,7 +273,8 @@ def test_per_task_wins_count_each_subtasks_best_and_the_rows_tied_with_it(tmp_pa
 
 
 def test_option_labels_name_only_the_parameters_in_which_a_methods_configs_differ():
-    from bench.analysis.leaderboard import option_labels, row_label
+    from bench.analysis.leaderboard import option_labels
+    from bench.analysis.tables import row_label
 
     labels = option_labels({"c1": {"lambda": 1.0, "normalize": False, "vl": {"steps": 10, "lr": 0.1}},
                             "c2": {"lambda": 1.0, "normalize": True, "vl": {"steps": 20, "lr": 0.1}},

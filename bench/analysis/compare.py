@@ -16,10 +16,10 @@ from pathlib import Path
 
 import pandas as pd
 
-from bench.analysis.leaderboard import (ALPHA, resample, row_label, setting_columns, setting_options,
-                                       settings_of)
+from bench.analysis.leaderboard import ALPHA, resample, setting_columns, setting_options, settings_of
 from bench.analysis.published import PUBLISHED_DIR, read_jobs
 from bench.analysis.stats import holm, interval, paired_p
+from bench.analysis.tables import row_label
 from bench.errors import ConfigError
 
 

@@ -41,11 +41,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from bench.analysis import budget
+from bench.analysis import budget, papers
 from bench.analysis.figures import save as save_figure
 from bench.analysis.published import PUBLISHED_DIR, Job, publish, read_jobs
 from bench.analysis.rerun import command
+from bench.analysis.site import write_site
 from bench.analysis.stats import REPLICATES, Draws, Scores, holm, interval, paired_p, replicates
+from bench.analysis.tables import row_label
 from bench.config import PROJECT_ROOT
 from bench.run.records import LOCATION_KEYS
 
@@ -207,11 +209,6 @@ def setting_options(setting: Setting) -> dict[tuple[str, str], str]:
         params = {k[3]: data["record"].get("method_params", {}) for k, data in setting.rows.items() if k[0] == method}
         options.update({(method, c): label for c, label in option_labels(params).items()})
     return options
-
-
-def row_label(method: str, variant: str, options: str = "") -> str:
-    """How plots and the page name a row: the method, its options in parentheses, its variant in brackets."""
-    return method + (f" ({options})" if options else "") + (f"[{variant}]" if variant else "")
 
 
 def build_setting(setting: Setting) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -486,21 +483,8 @@ def write(sources: list[Path], out_dir: Path, plots: bool = True,
         plot(overall, out_dir / "plots")
     budget.write(overall, jobs, short_hash, out_dir, plots)
     if plots:  # the page embeds the plots: rebuilt with them, it never lags the tables
-        from bench.analysis.site import write_site
-
         write_site(out_dir, out_dir / "site")
     return overall, len(jobs)
-
-
-def read_table(csv: Path) -> pd.DataFrame:
-    """A leaderboard CSV as written by `write` (a method without variants or options keeps an empty string, not
-    NaN)."""
-    if not csv.is_file():
-        raise SystemExit(f"{csv} does not exist; run `make leaderboard` first")
-    table = pd.read_csv(csv, keep_default_na=False, na_values=[""])
-    for column in ("variant", "options"):
-        table[column] = table[column].fillna("") if column in table else ""
-    return table
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -523,6 +507,8 @@ def main(argv: list[str] | None = None) -> None:
         print(markdown(overall))
         print(f"read {n_jobs} job(s) from {', '.join(map(str, sources))}; wrote {out}/leaderboard*.csv, .md"
               + ("" if args.no_plots else ", plots/, site/index.html"))
+        if out.resolve() == papers.RESULTS_DIR.resolve():  # the committed tables: the papers' comparison follows
+            print(f"wrote {papers.write()}")
     finally:
         if skipped:
             print(f"\n{len(skipped)} record(s) left out:")

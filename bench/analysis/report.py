@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from bench.analysis.leaderboard import read_table
+from bench.analysis.tables import read_table
 from bench.config import PROJECT_ROOT
 
 

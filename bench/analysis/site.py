@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from bench.analysis.tables import read_table, row_label
 from bench.files import write_bytes_atomic
 
 SCRIPT = """
@@ -101,8 +102,6 @@ def _table(group: pd.DataFrame) -> str:
 
 
 def _subtasks(group: pd.DataFrame) -> str:
-    from bench.analysis.leaderboard import row_label
-
     labels = [row_label(m, v, o) for m, v, o in zip(group["method"], group["variant"], group["options"])]
     tied = group["tied_with_best"] if "tied_with_best" in group else [False] * len(group)
     group = group.assign(label=labels, cell=[f"{m:.3f} [{lo:.3f}, {hi:.3f}]{' ●' if str(t) == 'True' else ''}"
@@ -148,8 +147,6 @@ def render(overall: pd.DataFrame, per_subtask: pd.DataFrame, plots_dir: Path) ->
 
 def write_site(results_dir: Path, out_dir: Path) -> Path:
     """`results_dir`'s leaderboard CSVs and plots -> `out_dir`/index.html."""
-    from bench.analysis.leaderboard import read_table
-
     overall = read_table(results_dir / "leaderboard.csv")
     per_subtask = read_table(results_dir / "leaderboard_subtasks.csv")
     out_dir.mkdir(parents=True, exist_ok=True)

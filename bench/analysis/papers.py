@@ -1,0 +1,151 @@
+"""`python -m bench.analysis.papers` (part of `make leaderboard`): the papers' BBH tables against the cross-task grid.
+
+The tables are data (`results/papers/`, sources in its README). Two checks, written to
+`results/papers/comparison.md`:
+1. each printed average against the mean of the table's own rows (a row collapsing several tasks counts for each
+   where the paper averages over tasks) — MoLE's Table 3 prints LoraHub and PEMs averages its rows do not give;
+2. per task, the paper's gain of its composer over its baseline (LoraHub Table 1: LoraHub − zero-shot; MoLE
+   Tables 3 and 8: MoLE − LoraHub) against the same gain in the grid (`task=bbh_cross`, from
+   `results/leaderboard_subtasks.csv`): how often the signs agree, and how alike the tasks rank (Spearman).
+The papers compose Flan-T5 LoRAs of other tasks; the grid SmolLM2-135M ones: orderings compare, numbers do not.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import pandas as pd
+
+from bench.analysis.tables import read_table
+from bench.config import PROJECT_ROOT
+from bench.files import write_bytes_atomic
+
+PAPERS_DIR = PROJECT_ROOT / "results" / "papers"
+RESULTS_DIR = PROJECT_ROOT / "results"
+GRID_TASK = "bbh_cross"
+# table -> (the paper's composer column, its baseline column, the grid's composer method, its baseline method)
+GAINS = {
+    "lorahub_table1": ("lorahub", "zero_shot", "lorahub", "base"),
+    "mole_table3": ("mole", "lorahub", "mole", "lorahub"),
+    "mole_table8": ("mole", "lorahub", "mole", "lorahub"),
+}
+
+
+def read_tables(papers_dir: Path = PAPERS_DIR) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(rows, printed averages) as committed: `bbh_rows.csv` and `printed_averages.csv`."""
+    rows = pd.read_csv(papers_dir / "bbh_rows.csv")
+    rows["tasks"] = rows["tasks"].str.split(";")
+    return rows, pd.read_csv(papers_dir / "printed_averages.csv")
+
+
+# Rows and averages are printed to 0.1: a mean of rounded rows may sit 0.05 from the exact mean, which the
+# printed average may round another 0.05 away.
+ROUNDING = 0.1
+
+
+def weights(rows: pd.DataFrame, weighting: str) -> pd.Series:
+    """Each printed row's weight in its column's average: the number of tasks it stands for, or 1."""
+    return rows["tasks"].str.len() if weighting == "tasks" else pd.Series(1, index=rows.index)
+
+
+def averages(rows: pd.DataFrame, printed: pd.DataFrame) -> pd.DataFrame:
+    """Per table and column: the printed average, the mean of its rows (weighted as `weighting` says) and whether
+    the two agree within the rounding of printed values (`ROUNDING`)."""
+    out = []
+    for p in printed.itertuples():
+        col = rows[(rows["table"] == p.table) & (rows["column"] == p.column)]
+        if col.empty:
+            raise ValueError(f"printed average {p.table}.{p.column} has no rows in bbh_rows.csv")
+        w = weights(col, p.weighting)
+        mean = float((col["value"] * w).sum() / w.sum())
+        out.append({"table": p.table, "column": p.column, "rows": len(col), "tasks": int(col["tasks"].str.len().sum()),
+                    "printed": p.printed, "recomputed": round(mean, 2), "difference": round(mean - p.printed, 2),
+                    "agrees": abs(mean - p.printed) <= ROUNDING + 1e-9})
+    return pd.DataFrame(out)
+
+
+def grid_scores(subtasks: pd.DataFrame, task: str = GRID_TASK) -> pd.DataFrame:
+    """(method × subtask) mean exact match in percent of the grid: the `task` setting with the most subtasks, each
+    method's default config (no options, no variant)."""
+    rows = subtasks[(subtasks["task"] == task) & (subtasks["metric"] == "exact_match")]
+    if rows.empty:
+        raise ValueError(f"no {task} rows in the leaderboard")
+    sizes = rows.groupby("setting")["subtask"].nunique()
+    grid = rows[(rows["setting"] == sizes.idxmax()) & (rows["options"].fillna("") == "")
+                & (rows["variant"].fillna("") == "")]
+    return grid.pivot_table(index="subtask", columns="method", values="mean") * 100
+
+
+def spearman(a: pd.Series, b: pd.Series) -> float:
+    """Spearman's rank correlation (average ranks for ties)."""
+    return float(a.rank().corr(b.rank()))
+
+
+def gains(rows: pd.DataFrame, grid: pd.DataFrame, table: str) -> pd.DataFrame:
+    """Per printed row of `table`: the paper's composer, baseline and gain; the grid's, averaged over the row's
+    tasks; and whether the two gains have the same sign (a zero gain agrees with nothing)."""
+    paper_comp, paper_base, ours_comp, ours_base = GAINS[table]
+    t = rows[rows["table"] == table]
+    out = []
+    for label, group in t.groupby("row", sort=False):
+        values = dict(zip(group["column"], group["value"]))
+        tasks = group["tasks"].iloc[0]
+        missing = [x for x in tasks if x not in grid.index]
+        if missing:
+            raise ValueError(f"{table} row {label!r}: the grid has no scores for {missing}")
+        ours = grid.loc[tasks, [ours_comp, ours_base]].mean()
+        paper_gain, ours_gain = values[paper_comp] - values[paper_base], ours[ours_comp] - ours[ours_base]
+        out.append({"row": label, "tasks": len(tasks), f"paper {paper_comp}": values[paper_comp],
+                    f"paper {paper_base}": values[paper_base], "paper gain": round(paper_gain, 1),
+                    f"ours {ours_comp}": round(ours[ours_comp], 1), f"ours {ours_base}": round(ours[ours_base], 1),
+                    "ours gain": round(ours_gain, 1), "same sign": paper_gain * ours_gain > 0})
+    return pd.DataFrame(out)
+
+
+def render(avg: pd.DataFrame, per_table: dict[str, pd.DataFrame]) -> str:
+    """The comparison as markdown (means over a table's rows count a collapsed row for each of its tasks)."""
+    parts = ["# The papers' BBH tables against the cross-task grid", "",
+             "Written by `python -m bench.analysis.papers` from `results/papers/*.csv` (sources: its README) and "
+             "`results/leaderboard_subtasks.csv`. Exact match in percent. The papers compose Flan-T5 LoRAs, the grid "
+             "SmolLM2-135M ones: orderings compare, numbers do not.", "",
+             "## Printed averages against the tables' own rows", "",
+             avg.to_markdown(index=False), ""]
+    for table, frame in per_table.items():
+        paper_comp, paper_base, ours_comp, ours_base = GAINS[table]
+        agree = int(frame["same sign"].sum())
+        rho = spearman(frame["paper gain"], frame["ours gain"])
+        w = frame["tasks"]
+
+        def mean(column: str) -> str:
+            return f"{(frame[column] * w).sum() / w.sum():.1f}"
+
+        parts += [f"## {table}: {paper_comp} − {paper_base} (paper) against {ours_comp} − {ours_base} (grid)", "",
+                  f"Same sign on {agree} of {len(frame)} rows; Spearman's ρ between the two gains over the rows: "
+                  f"{rho:+.2f}. Means over the rows' tasks: paper {paper_comp} {mean(f'paper {paper_comp}')}, "
+                  f"{paper_base} {mean(f'paper {paper_base}')}; grid {ours_comp} {mean(f'ours {ours_comp}')}, "
+                  f"{ours_base} {mean(f'ours {ours_base}')}. A zero gain agrees in sign with nothing.", "",
+                  frame.to_markdown(index=False), ""]
+    return "\n".join(parts)
+
+
+def write(papers_dir: Path = PAPERS_DIR, results_dir: Path = RESULTS_DIR) -> Path:
+    """`papers_dir`/comparison.md from the papers' tables and `results_dir`'s per-subtask leaderboard."""
+    rows, printed = read_tables(papers_dir)
+    grid = grid_scores(read_table(results_dir / "leaderboard_subtasks.csv"))
+    per_table = {table: gains(rows, grid, table) for table in GAINS}
+    path = papers_dir / "comparison.md"
+    write_bytes_atomic(path, render(averages(rows, printed), per_table).encode())
+    return path
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--papers-dir", type=Path, default=PAPERS_DIR)
+    parser.add_argument("--results-dir", type=Path, default=RESULTS_DIR)
+    args = parser.parse_args(argv)
+    print(f"wrote {write(args.papers_dir, args.results_dir)}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,67 @@
+"""The papers' BBH tables against the grid (bench/analysis/papers.py): printed averages checked against the tables'
+own rows, collapsed rows weighted by their tasks, per-task gains compared by sign and rank, and the committed
+comparison rebuilt byte for byte."""
+
+from __future__ import annotations
+
+import shutil
+
+import pandas as pd
+import pytest
+
+from bench.analysis import papers
+from bench.config import PROJECT_ROOT
+
+PAPERS = PROJECT_ROOT / "results" / "papers"
+
+
+def test_moles_printed_bbh_averages_are_not_its_rows_means():
+    rows, printed = papers.read_tables()
+    avg = papers.averages(rows, printed).set_index(["table", "column"])
+    # MoLE Table 3, BBH block, as printed (LoRAHub, PEMs, MoLE per task)
+    table3 = {"lorahub": [55.1, 57.6, 31.0, 46.6, 41.4, 35.2, 19.9], "pems": [53.0, 51.1, 29.3, 47.2, 39.8, 37.5, 19.3],
+              "mole": [57.3, 57.9, 30.7, 49.3, 45.0, 33.7, 21.2]}
+    for column, values in table3.items():
+        assert avg.loc[("mole_table3", column), "recomputed"] == pytest.approx(sum(values) / 7, abs=0.005)
+    assert not avg.loc[("mole_table3", "lorahub"), "agrees"] and not avg.loc[("mole_table3", "pems"), "agrees"]
+    assert avg.loc[("mole_table3", "mole"), "agrees"]
+    assert avg.drop(index=[("mole_table3", "lorahub"), ("mole_table3", "pems")])["agrees"].all()
+
+
+def test_a_collapsed_row_counts_for_each_of_its_tasks():
+    rows = pd.DataFrame({"table": "t", "row": ["one", "three"], "tasks": [["a"], ["b", "c", "d"]], "column": "x",
+                         "value": [10.0, 20.0]})
+    by_tasks = papers.averages(rows, pd.DataFrame([{"table": "t", "column": "x", "printed": 17.5,
+                                                    "weighting": "tasks"}]))
+    by_rows = papers.averages(rows, pd.DataFrame([{"table": "t", "column": "x", "printed": 17.5,
+                                                   "weighting": "rows"}]))
+    assert by_tasks["recomputed"].item() == 17.5 and by_tasks["agrees"].item()
+    assert by_rows["recomputed"].item() == 15.0 and not by_rows["agrees"].item()
+    with pytest.raises(ValueError, match="t.y has no rows"):
+        papers.averages(rows, pd.DataFrame([{"table": "t", "column": "y", "printed": 1.0, "weighting": "rows"}]))
+
+
+def test_gains_average_the_grid_over_a_rows_tasks_and_compare_signs():
+    rows = pd.DataFrame({"table": "mole_table3", "row": ["A", "A", "B", "B"], "tasks": [["a"], ["a"], ["b", "c"], ["b", "c"]],
+                         "column": ["mole", "lorahub", "mole", "lorahub"], "value": [50.0, 40.0, 30.0, 35.0]})
+    grid = pd.DataFrame({"mole": [60.0, 10.0, 30.0], "lorahub": [50.0, 20.0, 30.0]}, index=["a", "b", "c"])
+    g = papers.gains(rows, grid, "mole_table3").set_index("row")
+    assert g.loc["A", "paper gain"] == 10.0 and g.loc["A", "ours gain"] == 10.0 and g.loc["A", "same sign"]
+    assert g.loc["B", "ours mole"] == 20.0 and g.loc["B", "ours gain"] == -5.0  # (10 + 30) / 2 − (20 + 30) / 2
+    assert g.loc["B", "paper gain"] == -5.0 and g.loc["B", "same sign"]
+    with pytest.raises(ValueError, match=r"row 'A': the grid has no scores for \['a'\]"):
+        papers.gains(rows, grid.drop(index="a"), "mole_table3")
+
+
+def test_spearman_is_a_rank_correlation():
+    a = pd.Series([1.0, 2.0, 3.0, 4.0])
+    assert papers.spearman(a, a ** 3) == pytest.approx(1.0)
+    assert papers.spearman(a, -a) == pytest.approx(-1.0)
+    assert papers.spearman(a, pd.Series([1.0, 1.0, 2.0, 2.0])) == pytest.approx(0.894427, abs=1e-6)
+
+
+def test_the_committed_comparison_rebuilds_byte_for_byte(tmp_path):
+    copy = shutil.copytree(PAPERS, tmp_path / "papers")
+    written = papers.write(copy)
+    assert written.read_bytes() == (PAPERS / "comparison.md").read_bytes(), \
+        "results/papers/comparison.md differs from `make leaderboard`'s; run it and commit"
