@@ -20,7 +20,10 @@ def page(tmp_path):
     record(runs / "2", "k2", "linear", 0, {"a": flags(0.4), "b": flags(0.6)})
     record(runs / "3", "k3", "ties", 0, {"a": flags(0.1), "b": flags(0.2)})
     write([runs], tmp_path / "results", plots=True)
-    return write_site(tmp_path / "results", tmp_path / "site")
+    built = tmp_path / "results" / "site" / "index.html"  # the build writes the page beside its tables
+    page = write_site(tmp_path / "results", tmp_path / "site")
+    assert built.read_bytes() == page.read_bytes()
+    return page
 
 
 def test_the_page_is_self_contained(page):
