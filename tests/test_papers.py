@@ -16,7 +16,7 @@ PAPERS = PROJECT_ROOT / "results" / "papers"
 
 
 def test_moles_printed_bbh_averages_are_not_its_rows_means():
-    rows, printed = papers.read_tables()
+    rows, printed, _ = papers.read_tables()
     avg = papers.averages(rows, printed).set_index(["table", "column"])
     # MoLE Table 3, BBH block, as printed (LoRAHub, PEMs, MoLE per task)
     table3 = {"lorahub": [55.1, 57.6, 31.0, 46.6, 41.4, 35.2, 19.9], "pems": [53.0, 51.1, 29.3, 47.2, 39.8, 37.5, 19.3],
@@ -42,7 +42,8 @@ def test_a_collapsed_row_counts_for_each_of_its_tasks():
 
 
 def test_gains_average_the_grid_over_a_rows_tasks_and_compare_signs():
-    rows = pd.DataFrame({"table": "mole_table3", "row": ["A", "A", "B", "B"], "tasks": [["a"], ["a"], ["b", "c"], ["b", "c"]],
+    rows = pd.DataFrame({"table": "mole_table3", "row": ["A", "A", "B", "B"],
+                         "tasks": [["a"], ["a"], ["b", "c"], ["b", "c"]],
                          "column": ["mole", "lorahub", "mole", "lorahub"], "value": [50.0, 40.0, 30.0, 35.0]})
     grid = pd.DataFrame({"mole": [60.0, 10.0, 30.0], "lorahub": [50.0, 20.0, 30.0]}, index=["a", "b", "c"])
     g = papers.gains(rows, grid, "mole_table3").set_index("row")
@@ -51,6 +52,19 @@ def test_gains_average_the_grid_over_a_rows_tasks_and_compare_signs():
     assert g.loc["B", "paper gain"] == -5.0 and g.loc["B", "same sign"]
     with pytest.raises(ValueError, match=r"row 'A': the grid has no scores for \['a'\]"):
         papers.gains(rows, grid.drop(index="a"), "mole_table3")
+
+
+def test_orderings_map_the_papers_columns_to_the_grids_methods():
+    tables = pd.DataFrame({"table": "t", "row": ["8", "8", "8", "8", "24", "24", "24"],
+                           "column": ["nla", "lorahub", "pems", "mole", "nla", "lorahub", "mole"],
+                           "value": [32.7, 33.9, 33.7, 36.6, 37.0, 36.9, 38.7]})
+    grid = pd.DataFrame({"linear": [20.0, 30.0], "lorahub": [30.0, 30.0], "mole": [28.0, 30.0]}, index=["a", "b"])
+    o = papers.orderings(tables, grid).set_index("row")
+    assert o.loc["8", "paper"] == "nla < lorahub < mole"  # PEMs has no counterpart: left out
+    assert o.loc["8", "grid"] == "linear (25.0) < mole (29.0) < lorahub (30.0)" and not o.loc["8", "same order"]
+    assert o.loc["24", "paper"] == "lorahub < nla < mole" and not o.loc["24", "same order"]
+    with pytest.raises(ValueError, match=r"row '8': the grid has no \['mole'\]"):
+        papers.orderings(tables, grid.drop(columns="mole"))
 
 
 def test_spearman_is_a_rank_correlation():

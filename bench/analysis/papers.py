@@ -1,12 +1,14 @@
 """`python -m bench.analysis.papers` (part of `make leaderboard`): the papers' BBH tables against the cross-task grid.
 
-The tables are data (`results/papers/`, sources in its README). Two checks, written to
+The tables are data (`results/papers/`, sources in its README). Three checks, written to
 `results/papers/comparison.md`:
 1. each printed average against the mean of the table's own rows (a row collapsing several tasks counts for each
    where the paper averages over tasks) — MoLE's Table 3 prints LoraHub and PEMs averages its rows do not give;
 2. per task, the paper's gain of its composer over its baseline (LoraHub Table 1: LoraHub − zero-shot; MoLE
    Tables 3 and 8: MoLE − LoraHub) against the same gain in the grid (`task=bbh_cross`, from
-   `results/leaderboard_subtasks.csv`): how often the signs agree, and how alike the tasks rank (Spearman).
+   `results/leaderboard_subtasks.csv`): how often the signs agree, and how alike the tasks rank (Spearman);
+3. each printed row of averages (MoLE Table 6: NLA, LoraHub, MoLE at 8–128 LoRAs) ordered as the grid orders the
+   same methods (`COUNTERPARTS`).
 The papers compose Flan-T5 LoRAs of other tasks; the grid SmolLM2-135M ones: orderings compare, numbers do not.
 """
 
@@ -25,6 +27,8 @@ PAPERS_DIR = PROJECT_ROOT / "results" / "papers"
 RESULTS_DIR = PROJECT_ROOT / "results"
 GRID_TASK = "bbh_cross"
 # table -> (the paper's composer column, its baseline column, the grid's composer method, its baseline method)
+# a paper's column -> this project's method (PEMs, ICL and LoRA tuning have none)
+COUNTERPARTS = {"nla": "linear", "zero_shot": "base", "lorahub": "lorahub", "mole": "mole"}
 GAINS = {
     "lorahub_table1": ("lorahub", "zero_shot", "lorahub", "base"),
     "mole_table3": ("mole", "lorahub", "mole", "lorahub"),
@@ -32,11 +36,12 @@ GAINS = {
 }
 
 
-def read_tables(papers_dir: Path = PAPERS_DIR) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """(rows, printed averages) as committed: `bbh_rows.csv` and `printed_averages.csv`."""
+def read_tables(papers_dir: Path = PAPERS_DIR) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+    """(rows, printed averages, tables of averages) as committed: `bbh_rows.csv`, `printed_averages.csv` and
+    `bbh_averages.csv`."""
     rows = pd.read_csv(papers_dir / "bbh_rows.csv")
     rows["tasks"] = rows["tasks"].str.split(";")
-    return rows, pd.read_csv(papers_dir / "printed_averages.csv")
+    return rows, pd.read_csv(papers_dir / "printed_averages.csv"), pd.read_csv(papers_dir / "bbh_averages.csv")
 
 
 # Rows and averages are printed to 0.1: a mean of rounded rows may sit 0.05 from the exact mean, which the
@@ -103,7 +108,25 @@ def gains(rows: pd.DataFrame, grid: pd.DataFrame, table: str) -> pd.DataFrame:
     return pd.DataFrame(out)
 
 
-def render(avg: pd.DataFrame, per_table: dict[str, pd.DataFrame]) -> str:
+def orderings(tables: pd.DataFrame, grid: pd.DataFrame) -> pd.DataFrame:
+    """Per printed row of averages: the order of its columns that have a counterpart here, lowest first, and the
+    grid's order of those counterparts by their mean over the grid's tasks."""
+    means = grid.mean()
+    out = []
+    for (table, label), group in tables.groupby(["table", "row"], sort=False):
+        shared = group[group["column"].isin(COUNTERPARTS)]
+        missing = [COUNTERPARTS[c] for c in shared["column"] if COUNTERPARTS[c] not in means]
+        if missing:
+            raise ValueError(f"{table} row {label!r}: the grid has no {missing}")
+        paper = " < ".join(shared.sort_values("value")["column"])
+        ours = sorted(shared["column"], key=lambda c: means[COUNTERPARTS[c]])
+        out.append({"table": table, "row": label, "paper": paper,
+                    "grid": " < ".join(f"{COUNTERPARTS[c]} ({means[COUNTERPARTS[c]]:.1f})" for c in ours),
+                    "same order": paper == " < ".join(ours)})
+    return pd.DataFrame(out)
+
+
+def render(avg: pd.DataFrame, per_table: dict[str, pd.DataFrame], order: pd.DataFrame) -> str:
     """The comparison as markdown (means over a table's rows count a collapsed row for each of its tasks)."""
     parts = ["# The papers' BBH tables against the cross-task grid", "",
              "Written by `python -m bench.analysis.papers` from `results/papers/*.csv` (sources: its README) and "
@@ -126,16 +149,19 @@ def render(avg: pd.DataFrame, per_table: dict[str, pd.DataFrame]) -> str:
                   f"{paper_base} {mean(f'paper {paper_base}')}; grid {ours_comp} {mean(f'ours {ours_comp}')}, "
                   f"{ours_base} {mean(f'ours {ours_base}')}. A zero gain agrees in sign with nothing.", "",
                   frame.to_markdown(index=False), ""]
+    parts += ["## Orderings of printed averages against the grid's means", "",
+              "Lowest first; the grid composes 20 LoRAs a task, and its order is of means (whether its differences "
+              "are significant: `python -m bench.analysis.compare`).", "", order.to_markdown(index=False), ""]
     return "\n".join(parts)
 
 
 def write(papers_dir: Path = PAPERS_DIR, results_dir: Path = RESULTS_DIR) -> Path:
     """`papers_dir`/comparison.md from the papers' tables and `results_dir`'s per-subtask leaderboard."""
-    rows, printed = read_tables(papers_dir)
+    rows, printed, tables = read_tables(papers_dir)
     grid = grid_scores(read_table(results_dir / "leaderboard_subtasks.csv"))
     per_table = {table: gains(rows, grid, table) for table in GAINS}
     path = papers_dir / "comparison.md"
-    write_bytes_atomic(path, render(averages(rows, printed), per_table).encode())
+    write_bytes_atomic(path, render(averages(rows, printed), per_table, orderings(tables, grid)).encode())
     return path
 
 
