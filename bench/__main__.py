@@ -2,7 +2,7 @@ import os
 import sys
 
 from bench.errors import ConfigError
-from bench.run.validate import check_launcher, refuse_unsafe_overrides
+from bench.run.validate import assignments, check_launcher, refuse_unsafe_overrides
 
 if __name__ == "__main__":
     try:
@@ -10,7 +10,7 @@ if __name__ == "__main__":
         check_launcher(sys.argv[1:])
     except ConfigError as err:
         sys.exit(f"error: {err}")
-    if "hydra/launcher=parallel" in sys.argv[1:]:  # jobs share one terminal: bars would interleave
+    if ("hydra/launcher", "parallel") in assignments(sys.argv[1:]):  # jobs share one terminal: bars would interleave
         os.environ.setdefault("TQDM_DISABLE", "1")
     from bench.run.cli import main
 
