@@ -1,6 +1,6 @@
 """The papers' BBH tables against the grid (bench/analysis/papers.py): printed averages checked against the tables'
-own rows, collapsed rows weighted by their tasks, per-task gains compared by sign and rank, and the committed
-comparison rebuilt byte for byte."""
+own rows, collapsed rows weighted by their tasks, per-task gains compared by sign and rank and tested (paired
+bootstrap, Holm), and the committed comparison rebuilt byte for byte."""
 
 from __future__ import annotations
 
@@ -10,7 +10,10 @@ import pandas as pd
 import pytest
 
 from bench.analysis import papers
+from bench.analysis.published import read_jobs
+from bench.analysis.stats import REPLICATES
 from bench.config import PROJECT_ROOT
+from test_leaderboard import flags, record
 
 PAPERS = PROJECT_ROOT / "results" / "papers"
 
@@ -52,6 +55,32 @@ def test_gains_average_the_grid_over_a_rows_tasks_and_compare_signs():
     assert g.loc["B", "paper gain"] == -5.0 and g.loc["B", "same sign"]
     with pytest.raises(ValueError, match=r"row 'A': the grid has no scores for \['a'\]"):
         papers.gains(rows, grid.drop(index="a"), "mole_table3")
+
+
+def test_gain_tests_are_paired_bootstraps_over_a_rows_tasks_holm_corrected_over_the_table(tmp_path):
+    runs = tmp_path / "runs"
+    n = 100  # examples a subtask: enough that no replicate of 100 draws misses all of b's 50 differing ones
+    same = {"c": flags(0.5, n)}
+    for seed in (0, 1):
+        # lorahub is right wherever base is: a per-example difference of 0 or 1, never negative
+        record(runs / f"h{seed}", f"h{seed}", "lorahub", seed, {"a": flags(1.0, n), "b": flags(0.7, n), **same})
+        record(runs / f"b{seed}", f"b{seed}", "base", seed, {"a": flags(0.0, n), "b": flags(0.2, n), **same})
+        record(runs / f"m{seed}", f"m{seed}", "mole", seed, {"a": flags(1.0, n), "b": flags(0.7, n), **same})
+    record(runs / "fold", "fold", "lorahub", 0, {"a": flags(1.0, n)}, limit=3)  # a smaller setting: not the grid
+    setting = papers.grid_setting(read_jobs([runs]), task="t")
+    assert sorted(setting.examples) == ["a", "b", "c"]
+    rows = pd.DataFrame({"table": "lorahub_table1", "row": ["A", "BC", "C"], "tasks": [["a"], ["b", "c"], ["c"]],
+                         "column": "lorahub", "value": 1.0})
+    t = papers.gain_tests(setting, rows)["lorahub_table1"].set_index("row")
+    assert t.loc["A", "ours gain 95% CI"] == "[+100.0, +100.0]" and t.loc["C", "ours gain 95% CI"] == "[+0.0, +0.0]"
+    low, high = (float(x) for x in t.loc["BC", "ours gain 95% CI"].strip("[]").split(", "))
+    assert 0 < low < 25 < high < 50  # (70 − 20) / 2 points over b and c, c adding nothing
+    # no replicate of A or BC reaches 0: the bootstrap floor 2 / (B + 1), times Holm's 3 for the smallest p
+    floor = round(3 * 2 / (REPLICATES + 1), 3)
+    assert t.loc["A", "p (Holm)"] == floor and t.loc["BC", "p (Holm)"] == floor and t.loc["C", "p (Holm)"] == 1.0
+    assert list(t["significant"]) == [True, True, False]
+    with pytest.raises(ValueError, match="no other_task records"):
+        papers.grid_setting(read_jobs([runs]), task="other_task")
 
 
 def test_orderings_map_the_papers_columns_to_the_grids_methods():

@@ -6,7 +6,10 @@ The tables are data (`results/papers/`, sources in its README). Three checks, wr
    where the paper averages over tasks) — MoLE's Table 3 prints LoraHub and PEMs averages its rows do not give;
 2. per task, the paper's gain of its composer over its baseline (LoraHub Table 1: LoraHub − zero-shot; MoLE
    Tables 3 and 8: MoLE − LoraHub) against the same gain in the grid (`task=bbh_cross`, from
-   `results/leaderboard_subtasks.csv`): how often the signs agree, and how alike the tasks rank (Spearman);
+   `results/leaderboard_subtasks.csv`): how often the signs agree, and how alike the tasks rank (Spearman); each
+   of the grid's gains with its paired 95 % CI and Holm-corrected p-value over the table's rows (the leaderboard's
+   bootstrap over examples and seeds, from the grid's published records), so that agreement is also counted
+   where the grid's gain is more than noise;
 3. each printed row of averages (MoLE Table 6: NLA, LoraHub, MoLE at 8–128 LoRAs) ordered as the grid orders the
    same methods (`COUNTERPARTS`).
 The papers compose Flan-T5 LoRAs of other tasks; the grid SmolLM2-135M ones: orderings compare, numbers do not.
@@ -19,6 +22,9 @@ from pathlib import Path
 
 import pandas as pd
 
+from bench.analysis import leaderboard
+from bench.analysis.published import PUBLISHED_DIR, read_jobs
+from bench.analysis.stats import holm, interval, paired_p, replicates
 from bench.analysis.tables import read_table
 from bench.config import PROJECT_ROOT
 from bench.files import write_bytes_atomic
@@ -108,6 +114,43 @@ def gains(rows: pd.DataFrame, grid: pd.DataFrame, table: str) -> pd.DataFrame:
     return pd.DataFrame(out)
 
 
+def grid_setting(jobs: list, task: str = GRID_TASK) -> leaderboard.Setting:
+    """The `task` setting with the most subtasks among `jobs`' settings (the grid, not a budget curve's fold)."""
+    settings = [s for s in leaderboard.settings_of(jobs).values() if s.fields["task"].get("name") == task and s.rows]
+    if not settings:
+        raise ValueError(f"no {task} records to test the grid's gains on")
+    return max(settings, key=lambda s: (len(s.examples), s.key))
+
+
+def gain_tests(setting: leaderboard.Setting, rows: pd.DataFrame) -> dict[str, pd.DataFrame]:
+    """Per `GAINS` table and printed row: the grid's gain (composer − baseline, the default config of each, in
+    percent) over the row's tasks, its paired 95 % CI, and its p-value Holm-corrected over the table's rows."""
+    r = leaderboard.resample(setting)
+    options = leaderboard.setting_options(setting)
+
+    def row_key(method: str) -> tuple:
+        found = [k for k in r.keys
+                 if k[0] == method and not k[1] and k[2] == "exact_match" and not options[(k[0], k[3])]]
+        if len(found) != 1:
+            raise ValueError(f"grid setting {setting.key} has {len(found)} default exact-match rows of {method!r}")
+        return found[0]
+
+    out = {}
+    for table, (_, _, ours_comp, ours_base) in GAINS.items():
+        a, b = row_key(ours_comp), row_key(ours_base)
+        tested, p = {}, {}
+        for label, group in rows[rows["table"] == table].groupby("row", sort=False):
+            tasks = group["tasks"].iloc[0]
+            rep_a, rep_b = replicates(r.scores[a], r.draws, tasks), replicates(r.scores[b], r.draws, tasks)
+            tested[label], p[label] = interval(100 * (rep_a - rep_b)), paired_p(rep_a, rep_b)
+        p_holm = holm(p)
+        out[table] = pd.DataFrame([{"row": label, "ours gain 95% CI": f"[{low:+.1f}, {high:+.1f}]",
+                                    "p (Holm)": round(p_holm[label], 3),
+                                    "significant": p_holm[label] < leaderboard.ALPHA}
+                                   for label, (low, high) in tested.items()])
+    return out
+
+
 def orderings(tables: pd.DataFrame, grid: pd.DataFrame) -> pd.DataFrame:
     """Per printed row of averages: the order of its columns that have a counterpart here, lowest first, and the
     grid's order of those counterparts by their mean over the grid's tasks."""
@@ -137,6 +180,7 @@ def render(avg: pd.DataFrame, per_table: dict[str, pd.DataFrame], order: pd.Data
     for table, frame in per_table.items():
         paper_comp, paper_base, ours_comp, ours_base = GAINS[table]
         agree = int(frame["same sign"].sum())
+        significant = frame[frame["significant"]]
         rho = spearman(frame["paper gain"], frame["ours gain"])
         w = frame["tasks"]
 
@@ -147,7 +191,11 @@ def render(avg: pd.DataFrame, per_table: dict[str, pd.DataFrame], order: pd.Data
                   f"Same sign on {agree} of {len(frame)} rows; Spearman's ρ between the two gains over the rows: "
                   f"{rho:+.2f}. Means over the rows' tasks: paper {paper_comp} {mean(f'paper {paper_comp}')}, "
                   f"{paper_base} {mean(f'paper {paper_base}')}; grid {ours_comp} {mean(f'ours {ours_comp}')}, "
-                  f"{ours_base} {mean(f'ours {ours_base}')}. A zero gain agrees in sign with nothing.", "",
+                  f"{ours_base} {mean(f'ours {ours_base}')}. A zero gain agrees in sign with nothing. The grid's gain "
+                  f"is significant (paired bootstrap over examples and seeds; p Holm-corrected over the table's rows, "
+                  f"each CI for its row alone) on {len(significant)} rows, and has the paper's sign on "
+                  f"{int(significant['same sign'].sum())} of them.",
+                  "",
                   frame.to_markdown(index=False), ""]
     parts += ["## Orderings of printed averages against the grid's means", "",
               "Lowest first; the grid composes 20 LoRAs a task, and its order is of means (whether its differences "
@@ -155,11 +203,14 @@ def render(avg: pd.DataFrame, per_table: dict[str, pd.DataFrame], order: pd.Data
     return "\n".join(parts)
 
 
-def write(papers_dir: Path = PAPERS_DIR, results_dir: Path = RESULTS_DIR) -> Path:
-    """`papers_dir`/comparison.md from the papers' tables and `results_dir`'s per-subtask leaderboard."""
+def write(papers_dir: Path = PAPERS_DIR, results_dir: Path = RESULTS_DIR, published_dir: Path = PUBLISHED_DIR) -> Path:
+    """`papers_dir`/comparison.md from the papers' tables, `results_dir`'s per-subtask leaderboard and the grid's
+    published records (`published_dir`/<grid task>)."""
     rows, printed, tables = read_tables(papers_dir)
     grid = grid_scores(read_table(results_dir / "leaderboard_subtasks.csv"))
-    per_table = {table: gains(rows, grid, table) for table in GAINS}
+    tests = gain_tests(grid_setting(read_jobs([published_dir / GRID_TASK])), rows)
+    per_table = {table: gains(rows, grid, table).merge(tests[table], on="row", validate="one_to_one")
+                 for table in GAINS}
     path = papers_dir / "comparison.md"
     write_bytes_atomic(path, render(averages(rows, printed), per_table, orderings(tables, grid)).encode())
     return path
@@ -169,8 +220,9 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--papers-dir", type=Path, default=PAPERS_DIR)
     parser.add_argument("--results-dir", type=Path, default=RESULTS_DIR)
+    parser.add_argument("--published-dir", type=Path, default=PUBLISHED_DIR)
     args = parser.parse_args(argv)
-    print(f"wrote {write(args.papers_dir, args.results_dir)}")
+    print(f"wrote {write(args.papers_dir, args.results_dir, args.published_dir)}")
 
 
 if __name__ == "__main__":
