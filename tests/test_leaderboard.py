@@ -233,7 +233,7 @@ def test_a_method_run_at_several_budgets_gets_a_budget_curve(tmp_path):
     for i, (method, params, seed, score) in enumerate([
             ("mole", {"steps": 20, "lr": 0.001}, 0, 0.2), ("mole", {"steps": 20, "lr": 0.001}, 1, 0.4),
             ("mole", {"steps": 80, "lr": 0.001}, 0, 0.6), ("lorahub", {"budget": 40}, 0, 0.5)]):
-        record(r / str(i), f"k{i}", method, seed, {"a": flags(score)})
+        record(r / str(i), f"k{i}", method, seed, {"a": flags(score), "b": flags(score)})
         path = r / str(i) / "record.json"
         data = json.loads(path.read_text())
         path.write_text(json.dumps({**data, "method_params": params}))
@@ -241,7 +241,7 @@ def test_a_method_run_at_several_budgets_gets_a_budget_curve(tmp_path):
     overall, _ = write([r], out)
     curve = pd.read_csv(out / "budget_curves.csv")
     assert list(curve["method"]) == ["mole", "mole"] and list(curve["budget"]) == [20, 80]
-    assert list(curve["budget_key"]) == ["steps", "steps"]
+    assert list(curve["budget_key"]) == ["steps", "steps"] and set(curve["subtasks"]) == {"a b"}  # the fold
     assert curve["mean"].tolist() == pytest.approx([0.3, 0.6])
     mole = overall[overall.method == "mole"].set_index("config")
     for _, row in curve.iterrows():
@@ -273,7 +273,7 @@ def test_per_task_wins_count_each_subtasks_best_and_the_rows_tied_with_it(tmp_pa
 
 
 def test_option_labels_name_only_the_parameters_in_which_a_methods_configs_differ():
-    from bench.analysis.leaderboard import option_labels
+    from bench.analysis.settings import option_labels
     from bench.analysis.tables import row_label
 
     labels = option_labels({"c1": {"lambda": 1.0, "normalize": False, "vl": {"steps": 10, "lr": 0.1}},

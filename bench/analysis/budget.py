@@ -3,8 +3,8 @@
 The budget of a job is read from its method's hyperparameters: ``steps`` (MoLE, CAT, LoRA-Flow: optimizer steps
 per fit) or ``budget`` (LoraHub: objective evaluations). `conf/sweep/full_budget*.yaml` run such grids on one fold
 of the cross-task protocol; `make leaderboard` then writes ``budget_curves.csv`` (one row per setting, method and
-budget, with the leaderboard's mean and 95 % CI) and one plot per setting (``plots/<setting>_budget.png``), so a
-reader sees where each method saturates.
+budget, with the setting's subtasks — the fold — and the leaderboard's mean and 95 % CI) and one plot per setting
+(``plots/<setting>_budget.png``, its fold in the title), so a reader sees where each method saturates.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from bench.analysis.figures import save as save_figure
 from bench.analysis.published import Job
 
 BUDGET_KEYS = ("steps", "budget")  # method hyperparameters that set a fit budget, in this order
-COLUMNS = ["setting", "profile", "task", "metric", "method", "budget_key", "budget", "mean", "ci_low", "ci_high",
+COLUMNS = ["setting", "profile", "task", "subtasks", "metric", "method", "budget_key", "budget", "mean", "ci_low", "ci_high",
            "seeds", "config"]
 
 
@@ -30,19 +30,23 @@ def budget_of(params: dict) -> tuple[str, int] | None:
     return None
 
 
-def curves(overall: pd.DataFrame, jobs: list[Job], config_hash: Callable[[dict], str]) -> pd.DataFrame:
+def curves(overall: pd.DataFrame, per_subtask: pd.DataFrame, jobs: list[Job],
+           config_hash: Callable[[dict], str]) -> pd.DataFrame:
     """The leaderboard rows of every (setting, method, metric) seen at two or more budgets, with the budget
-    (`config_hash`: how the leaderboard names a job's method hyperparameters, its ``config`` column)."""
+    (`config_hash`: how the leaderboard names a job's method hyperparameters, its ``config`` column) and the
+    setting's subtasks (from `per_subtask`, space-separated)."""
     budgets = {}
     for job in jobs:
         found = budget_of(job.record.get("method_params") or {})
         if found:
             budgets[(job.record["method"], config_hash(job.record.get("method_params", {})))] = found
+    folds = per_subtask.groupby("setting")["subtask"].unique() if not per_subtask.empty else {}
     rows = []
     for _, row in overall[overall["variant"] == ""].iterrows():
         found = budgets.get((row["method"], row["config"]))
         if found:
-            rows.append({**{c: row[c] for c in COLUMNS if c in row}, "budget_key": found[0], "budget": found[1]})
+            rows.append({**{c: row[c] for c in COLUMNS if c in row}, "subtasks": " ".join(folds[row["setting"]]),
+                         "budget_key": found[0], "budget": found[1]})
     table = pd.DataFrame(rows, columns=COLUMNS)
     if table.empty:
         return table
@@ -71,17 +75,18 @@ def plot_curves(table: pd.DataFrame, out_dir: Path) -> list[Path]:
         ax.set_xlabel("fit budget per composition (steps or objective evaluations)")
         ax.set_ylabel(f"{metric} (95% CI)")
         first = group.iloc[0]
-        ax.set_title(f"budget curve · {first['task']} · {first['profile']} (setting {setting})", fontsize=9)
+        ax.set_title(f"budget curve · {first['task']} · {first['profile']} (setting {setting})\n"
+                     f"{first['subtasks'].replace(' ', ', ')}", fontsize=8)
         ax.legend(fontsize=7)
         stem = f"{first['profile']}_{first['task']}_{setting}_{metric.replace('/', '-')}_budget.png"
         paths.append(save_figure(fig, out_dir / stem))
     return paths
 
 
-def write(overall: pd.DataFrame, jobs: list[Job], config_hash: Callable[[dict], str], out_dir: Path,
-          plots: bool = True) -> pd.DataFrame:
+def write(overall: pd.DataFrame, per_subtask: pd.DataFrame, jobs: list[Job], config_hash: Callable[[dict], str],
+          out_dir: Path, plots: bool = True) -> pd.DataFrame:
     """``budget_curves.csv`` in `out_dir` (header only when no setting has a budget grid) and its plots."""
-    table = curves(overall, jobs, config_hash)
+    table = curves(overall, per_subtask, jobs, config_hash)
     tmp = out_dir / ".budget_curves.csv.tmp"
     table.to_csv(tmp, index=False, float_format="%.6g", lineterminator="\n")
     tmp.replace(out_dir / "budget_curves.csv")

@@ -3,7 +3,7 @@ methods within each setting of a task — every pair's difference of means, its 
 p-value, Holm-corrected over the pairs asked for (a small planned family keeps its power; the leaderboard tests each
 row against linear, the best single expert and the best only).
 
-Rows, replicates and draws are the leaderboard's (`bench.analysis.leaderboard.resample`), so a CI or p-value here
+Rows, replicates and draws are the leaderboard's (`bench.analysis.settings.resample`), so a CI or p-value here
 agrees with the leaderboard's for the same pair. Reads the published records (or ``--runs-dir``); ``--out`` writes
 the table as CSV too.
 """
@@ -16,9 +16,9 @@ from pathlib import Path
 
 import pandas as pd
 
-from bench.analysis.leaderboard import ALPHA, resample, setting_columns, setting_options, settings_of
 from bench.analysis.published import PUBLISHED_DIR, read_jobs
-from bench.analysis.stats import holm, interval, paired_p
+from bench.analysis.settings import resample, setting_columns, setting_options, settings_of
+from bench.analysis.stats import ALPHA, holm, interval, paired_p
 from bench.analysis.tables import row_label
 from bench.errors import ConfigError
 

@@ -22,9 +22,9 @@ from pathlib import Path
 
 import pandas as pd
 
-from bench.analysis import leaderboard
 from bench.analysis.published import PUBLISHED_DIR, read_jobs
-from bench.analysis.stats import holm, interval, paired_p, replicates
+from bench.analysis.settings import Setting, resample, setting_options, settings_of
+from bench.analysis.stats import ALPHA, holm, interval, paired_p, replicates
 from bench.analysis.tables import read_table
 from bench.config import PROJECT_ROOT
 from bench.files import write_bytes_atomic
@@ -114,19 +114,19 @@ def gains(rows: pd.DataFrame, grid: pd.DataFrame, table: str) -> pd.DataFrame:
     return pd.DataFrame(out)
 
 
-def grid_setting(jobs: list, task: str = GRID_TASK) -> leaderboard.Setting:
+def grid_setting(jobs: list, task: str = GRID_TASK) -> Setting:
     """The `task` setting with the most subtasks among `jobs`' settings (the grid, not a budget curve's fold)."""
-    settings = [s for s in leaderboard.settings_of(jobs).values() if s.fields["task"].get("name") == task and s.rows]
+    settings = [s for s in settings_of(jobs).values() if s.fields["task"].get("name") == task and s.rows]
     if not settings:
         raise ValueError(f"no {task} records to test the grid's gains on")
     return max(settings, key=lambda s: (len(s.examples), s.key))
 
 
-def gain_tests(setting: leaderboard.Setting, rows: pd.DataFrame) -> dict[str, pd.DataFrame]:
+def gain_tests(setting: Setting, rows: pd.DataFrame) -> dict[str, pd.DataFrame]:
     """Per `GAINS` table and printed row: the grid's gain (composer − baseline, the default config of each, in
     percent) over the row's tasks, its paired 95 % CI, and its p-value Holm-corrected over the table's rows."""
-    r = leaderboard.resample(setting)
-    options = leaderboard.setting_options(setting)
+    r = resample(setting)
+    options = setting_options(setting)
 
     def row_key(method: str) -> tuple:
         found = [k for k in r.keys
@@ -146,7 +146,7 @@ def gain_tests(setting: leaderboard.Setting, rows: pd.DataFrame) -> dict[str, pd
         p_holm = holm(p)
         out[table] = pd.DataFrame([{"row": label, "ours gain 95% CI": f"[{low:+.1f}, {high:+.1f}]",
                                     "p (Holm)": round(p_holm[label], 3),
-                                    "significant": p_holm[label] < leaderboard.ALPHA}
+                                    "significant": p_holm[label] < ALPHA}
                                    for label, (low, high) in tested.items()])
     return out
 

@@ -21,6 +21,7 @@ import numpy as np
 
 REPLICATES = 2000
 LEVEL = 0.95
+ALPHA = 0.05  # a paired difference is significant when its Holm-corrected p-value is below this
 
 
 @dataclass
