@@ -10,12 +10,12 @@ budget, with the setting's subtasks — the fold — and the leaderboard's mean 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable
 
 import pandas as pd
 
 from bench.analysis.figures import save as save_figure
 from bench.analysis.published import Job
+from bench.analysis.settings import short_hash
 
 BUDGET_KEYS = ("steps", "budget")  # method hyperparameters that set a fit budget, in this order
 COLUMNS = ["setting", "profile", "task", "subtasks", "metric", "method", "budget_key", "budget", "mean", "ci_low", "ci_high",
@@ -30,16 +30,15 @@ def budget_of(params: dict) -> tuple[str, int] | None:
     return None
 
 
-def curves(overall: pd.DataFrame, per_subtask: pd.DataFrame, jobs: list[Job],
-           config_hash: Callable[[dict], str]) -> pd.DataFrame:
-    """The leaderboard rows of every (setting, method, metric) seen at two or more budgets, with the budget
-    (`config_hash`: how the leaderboard names a job's method hyperparameters, its ``config`` column) and the
+def curves(overall: pd.DataFrame, per_subtask: pd.DataFrame, jobs: list[Job]) -> pd.DataFrame:
+    """The leaderboard rows of every (setting, method, metric) seen at two or more budgets, with the budget (a job's
+    row is found by its method and the hash of its hyperparameters, the leaderboard's ``config`` column) and the
     setting's subtasks (from `per_subtask`, space-separated)."""
     budgets = {}
     for job in jobs:
         found = budget_of(job.record.get("method_params") or {})
         if found:
-            budgets[(job.record["method"], config_hash(job.record.get("method_params", {})))] = found
+            budgets[(job.record["method"], short_hash(job.record.get("method_params", {})))] = found
     folds = per_subtask.groupby("setting")["subtask"].unique() if not per_subtask.empty else {}
     rows = []
     for _, row in overall[overall["variant"] == ""].iterrows():
@@ -83,10 +82,10 @@ def plot_curves(table: pd.DataFrame, out_dir: Path) -> list[Path]:
     return paths
 
 
-def write(overall: pd.DataFrame, per_subtask: pd.DataFrame, jobs: list[Job], config_hash: Callable[[dict], str],
-          out_dir: Path, plots: bool = True) -> pd.DataFrame:
+def write(overall: pd.DataFrame, per_subtask: pd.DataFrame, jobs: list[Job], out_dir: Path,
+          plots: bool = True) -> pd.DataFrame:
     """``budget_curves.csv`` in `out_dir` (header only when no setting has a budget grid) and its plots."""
-    table = curves(overall, per_subtask, jobs, config_hash)
+    table = curves(overall, per_subtask, jobs)
     tmp = out_dir / ".budget_curves.csv.tmp"
     table.to_csv(tmp, index=False, float_format="%.6g", lineterminator="\n")
     tmp.replace(out_dir / "budget_curves.csv")

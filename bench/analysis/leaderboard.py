@@ -41,7 +41,7 @@ from bench.analysis import budget, papers
 from bench.analysis.figures import save as save_figure
 from bench.analysis.published import PUBLISHED_DIR, Job, publish, read_jobs
 from bench.analysis.rerun import command
-from bench.analysis.settings import Setting, resample, setting_columns, setting_options, settings_of, short_hash
+from bench.analysis.settings import Setting, resample, setting_columns, setting_options, settings_of
 from bench.analysis.site import write_site
 from bench.analysis.stats import ALPHA, Draws, Scores, holm, interval, paired_p, replicates
 from bench.analysis.tables import row_label
@@ -305,7 +305,7 @@ def write(sources: list[Path], out_dir: Path, plots: bool = True,
         for stale in (out_dir / "plots").glob("*.png"):  # the plots are exactly this build's
             stale.unlink()
         plot(overall, out_dir / "plots")
-    budget.write(overall, per_subtask, jobs, short_hash, out_dir, plots)
+    budget.write(overall, per_subtask, jobs, out_dir, plots)
     if plots:  # the page embeds the plots: rebuilt with them, it never lags the tables
         write_site(out_dir, out_dir / "site")
     return overall, len(jobs)
