@@ -72,3 +72,19 @@ def test_a_setting_prefix_keeps_that_setting_alone(tmp_path):
     assert one["setting"].tolist() == [key]
     with pytest.raises(SystemExit, match="no setting zz\\* of task 't'"):
         main(["high", "low", "--task", "t", "--setting", "zz", "--runs-dir", str(r)])
+
+
+def test_subtasks_compare_the_macro_average_over_those_alone(tmp_path):
+    r = tmp_path / "runs"
+    for seed in (0, 1):
+        record(r / f"hi{seed}", f"h{seed}", "high", seed, {"a": flags(0.9, N), "b": flags(0.2, N)})
+        record(r / f"lo{seed}", f"l{seed}", "low", seed, {"a": flags(0.1, N), "b": flags(0.2, N)})
+    jobs = read_jobs([r])
+    whole = compare(jobs, "t", ["high", "low"]).iloc[0]
+    assert whole["difference"] == pytest.approx((0.9 + 0.2) / 2 - (0.1 + 0.2) / 2) and whole["subtasks"] == "all"
+    on_a = compare(jobs, "t", ["high", "low"], subtasks=["a"]).iloc[0]
+    assert on_a["difference"] == pytest.approx(0.8) and on_a["significant"] and on_a["subtasks"] == "a"
+    on_b = compare(jobs, "t", ["high", "low"], subtasks=["b"]).iloc[0]  # the same answers on b: no difference
+    assert on_b["difference"] == 0 and (on_b["ci_low"], on_b["ci_high"]) == (0, 0) and on_b["p_holm"] == 1.0
+    with pytest.raises(ConfigError, match="has no subtask c; it has a, b"):
+        compare(jobs, "t", ["high", "low"], subtasks=["a", "c"])

@@ -32,8 +32,10 @@ class Scores:
     subtasks: list[str]
     values: list[list[np.ndarray]]
 
-    def statistic(self) -> float:
-        return float(np.mean([np.mean([v.mean() for v in seed]) for seed in self.values]))
+    def statistic(self, subtasks: list[str] | None = None) -> float:
+        """The macro average (module docstring); over `subtasks` only when given."""
+        chosen = [self.subtasks.index(t) for t in subtasks] if subtasks else range(len(self.subtasks))
+        return float(np.mean([np.mean([seed[i].mean() for i in chosen]) for seed in self.values]))
 
 
 @dataclass
