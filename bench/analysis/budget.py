@@ -18,8 +18,8 @@ from bench.analysis.published import Job
 from bench.analysis.settings import short_hash
 
 BUDGET_KEYS = ("steps", "budget")  # method hyperparameters that set a fit budget, in this order
-COLUMNS = ["setting", "profile", "task", "subtasks", "metric", "method", "budget_key", "budget", "mean", "ci_low", "ci_high",
-           "seeds", "config"]
+COLUMNS = ["setting", "profile", "task", "subtasks", "metric", "method", "budget_key", "budget", "mean", "ci_low",
+           "ci_high", "seeds", "config"]
 
 
 def budget_of(params: dict) -> tuple[str, int] | None:
@@ -39,7 +39,7 @@ def curves(overall: pd.DataFrame, per_subtask: pd.DataFrame, jobs: list[Job]) ->
         found = budget_of(job.record.get("method_params") or {})
         if found:
             budgets[(job.record["method"], short_hash(job.record.get("method_params", {})))] = found
-    folds = per_subtask.groupby("setting")["subtask"].unique() if not per_subtask.empty else {}
+    folds = per_subtask.groupby("setting")["subtask"].unique()
     rows = []
     for _, row in overall[overall["variant"] == ""].iterrows():
         found = budgets.get((row["method"], row["config"]))

@@ -36,10 +36,10 @@ def compare(jobs, task: str, methods: list[str], metric: str | None = None, sett
             raise ConfigError(f"setting {setting.key} of task {task!r} has no subtask {', '.join(unknown)}; "
                               f"it has {', '.join(setting.examples)}")
         r = resample(setting)
-        reps = {k: replicates(r.scores[k], r.draws, subtasks) for k in r.keys} if subtasks else r.reps
-        means = {k: r.scores[k].statistic(subtasks) for k in r.keys} if subtasks else r.means
         options = setting_options(setting)
         chosen = [k for k in r.keys if k[0] in methods and not k[1] and (metric is None or k[2] == metric)]
+        reps = {k: replicates(r.scores[k], r.draws, subtasks) for k in chosen} if subtasks else r.reps
+        means = {k: r.scores[k].statistic(subtasks) for k in chosen} if subtasks else r.means
         by_metric: dict[str, list[tuple]] = {}
         for k in chosen:
             by_metric.setdefault(k[2], []).append(k)

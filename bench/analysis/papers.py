@@ -76,15 +76,13 @@ def averages(rows: pd.DataFrame, printed: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(out)
 
 
-def grid_scores(subtasks: pd.DataFrame, task: str = GRID_TASK) -> pd.DataFrame:
-    """(method × subtask) mean exact match in percent of the grid: the `task` setting with the most subtasks, each
-    method's default config (no options, no variant)."""
-    rows = subtasks[(subtasks["task"] == task) & (subtasks["metric"] == "exact_match")]
+def grid_scores(subtasks: pd.DataFrame, setting: str) -> pd.DataFrame:
+    """(method × subtask) mean exact match in percent of the grid (the leaderboard's `setting`, `grid_setting`'s),
+    each method's default config (no options, no variant)."""
+    rows = subtasks[(subtasks["setting"] == setting) & (subtasks["metric"] == "exact_match")]
     if rows.empty:
-        raise ValueError(f"no {task} rows in the leaderboard")
-    sizes = rows.groupby("setting")["subtask"].nunique()
-    grid = rows[(rows["setting"] == sizes.idxmax()) & (rows["options"].fillna("") == "")
-                & (rows["variant"].fillna("") == "")]
+        raise ValueError(f"no rows of the grid setting {setting} in the leaderboard")
+    grid = rows[(rows["options"].fillna("") == "") & (rows["variant"].fillna("") == "")]
     return grid.pivot_table(index="subtask", columns="method", values="mean") * 100
 
 
@@ -207,8 +205,9 @@ def write(papers_dir: Path = PAPERS_DIR, results_dir: Path = RESULTS_DIR, publis
     """`papers_dir`/comparison.md from the papers' tables, `results_dir`'s per-subtask leaderboard and the grid's
     published records (`published_dir`/<grid task>)."""
     rows, printed, tables = read_tables(papers_dir)
-    grid = grid_scores(read_table(results_dir / "leaderboard_subtasks.csv"))
-    tests = gain_tests(grid_setting(read_jobs([published_dir / GRID_TASK])), rows)
+    setting = grid_setting(read_jobs([published_dir / GRID_TASK]))
+    grid = grid_scores(read_table(results_dir / "leaderboard_subtasks.csv"), setting.key)
+    tests = gain_tests(setting, rows)
     per_table = {table: gains(rows, grid, table).merge(tests[table], on="row", validate="one_to_one")
                  for table in GAINS}
     path = papers_dir / "comparison.md"
